@@ -1,0 +1,82 @@
+"""Builds the run's parts from the composed config with hydra.utils.instantiate: Hydra's `_target_` is the registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra.utils
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mtl_cli.data.collate import collate
+from mtl_cli.errors import UserError
+from mtl_cli.tasks import Task
+from mtl_cli.weighting.base import Weighting
+
+
+def instantiate(cfg: Any, where: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with the user's mistakes turned into one clear UserError naming `where`."""
+    try:
+        return hydra.utils.instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, TypeError) or "Error locating target" in str(e):
+            raise UserError(f"the config of {where} cannot be built: {str(e).strip()}") from None
+        raise
+
+
+def build_tasks(cfg: DictConfig) -> dict[str, Task]:
+    """One Task per entry of cfg.tasks, checked against the targets that cfg.data provides."""
+    if not cfg.get("tasks"):
+        raise UserError("no task selected: choose some, e.g. tasks=[segmentation,depth]")
+    tasks = {}
+    for name in cfg.tasks:
+        try:
+            OmegaConf.to_container(cfg.tasks[name], resolve=True)
+        except (InterpolationKeyError, InterpolationResolutionError) as e:
+            provided = ", ".join(cfg.data.get("targets", {})) or "none"
+            raise UserError(f"task {name!r} needs a target that data {cfg.data.get('name', '?')!r} does not "
+                            f"provide ({e.msg if hasattr(e, 'msg') else e}). The data provides: {provided}") from None
+        tasks[name] = instantiate(cfg.tasks[name], f"tasks.{name}", name=name)
+    return tasks
+
+
+def build_model(cfg: DictConfig, tasks: dict[str, Task]) -> nn.Module:
+    """architecture(backbone builder, head builders) -> the multi-task model."""
+    backbone = instantiate(cfg.backbone, "backbone")
+    architecture = instantiate(cfg.architecture, "architecture")
+    return architecture(backbone=backbone, heads={name: task.head for name, task in tasks.items()})
+
+
+def build_weighting(cfg: DictConfig, tasks: dict[str, Task]) -> Weighting:
+    return instantiate(cfg.weighting, "weighting", tasks=list(tasks))
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module, weighting: Weighting) -> torch.optim.Optimizer:
+    """One optimizer over the model and the weighting's own learnable parameters (if any)."""
+    params = [p for p in list(model.parameters()) + list(weighting.parameters()) if p.requires_grad]
+    return instantiate(cfg.optimizer, "optimizer")(params)
+
+
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer):
+    return instantiate(cfg.scheduler, "scheduler")(optimizer)
+
+
+def build_dataset(cfg: DictConfig, split: str) -> Dataset:
+    return instantiate(cfg.data.dataset, "data.dataset")(split=split)
+
+
+def build_loader(cfg: DictConfig, dataset: Dataset, train: bool, generator: torch.Generator | None = None
+                 ) -> DataLoader:
+    workers = int(cfg.data.num_workers)
+    return DataLoader(dataset, batch_size=int(cfg.data.batch_size), shuffle=train, drop_last=train,
+                      num_workers=workers, collate_fn=collate, generator=generator,
+                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())

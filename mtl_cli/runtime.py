@@ -1,0 +1,63 @@
+"""Where the run happens: seeding, the device, mixed precision, the config a checkpoint carries."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from mtl_cli.errors import UserError
+from mtl_cli.overrides import apply_overrides
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # every device
+
+
+def pick_device(name: str) -> torch.device:
+    """"auto" takes cuda, then mps, then cpu; anything else is checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"trainer.device={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name!r} but no CUDA GPU is available here; use trainer.device=auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"trainer.device={name!r} but MPS is not available here; use trainer.device=auto or cpu")
+    return device
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of trainer.precision: "32" (none), "bf16" or "16" (fp16, CUDA only)."""
+    precision = str(precision)
+    if precision == "32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "16":
+        if device.type != "cuda":
+            raise UserError(f"trainer.precision=16 (fp16 with gradient scaling) needs a CUDA GPU, not {device.type}; "
+                            "use trainer.precision=bf16 or 32")
+        return torch.autocast("cuda", dtype=torch.float16)
+    raise UserError(f"trainer.precision={precision!r} is not one of 32, bf16, 16")
+
+
+def config_from_checkpoint(checkpoint: dict, composed: DictConfig, skip: tuple[str, ...]) -> DictConfig:
+    """The config saved in `checkpoint`, with the overrides typed on this command line applied on top."""
+    saved = OmegaConf.create(checkpoint["config"])
+    hydra_cfg = HydraConfig.get()
+    cfg = apply_overrides(saved, composed, hydra_cfg.overrides.task, groups=hydra_cfg.runtime.choices, skip=skip)
+    for key in skip:  # keep this command's own keys (ckpt=, resume=)
+        if key in composed:
+            OmegaConf.update(cfg, key, composed[key], force_add=True)
+    return cfg

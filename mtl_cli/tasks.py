@@ -1,0 +1,74 @@
+"""A task: a name, the batch key of its target, a head, a loss and metrics, all declared in configs/tasks/."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+from torchmetrics import Metric
+
+from mtl_cli.errors import UserError
+
+
+class Task:
+    """Everything the loop needs to know about one task.
+
+    head:      builds the task's head from the backbone's channels and strides (a partial from the config).
+    loss:      loss(output, target) -> scalar.
+    metrics:   name -> torchmetrics Metric, fed decode(output) and the target; each returns a scalar or a dict of
+               scalars, and states its direction (`higher_is_better`, a bool or a dict for dict-valued metrics).
+    decode:    turns the head's raw output into what the metrics take (e.g. sigmoid); identity if None.
+    visualize: turns outputs or targets of a few images into RGB images [N,3,H,W] for TensorBoard, if given.
+    num_classes, ignore_index: the class facts, used to check the data's targets on the first batch.
+    """
+
+    def __init__(self, name: str, target: str, head: Callable[..., nn.Module], loss: nn.Module,
+                 metrics: Mapping[str, Metric], decode: Callable | None = None, visualize: Callable | None = None,
+                 num_classes: int | None = None, ignore_index: int | None = None):
+        self.name, self.target, self.head, self.loss = name, target, head, loss
+        self.metrics = nn.ModuleDict(dict(metrics))
+        self.decode, self.visualize = decode, visualize
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+
+    def to(self, device: torch.device) -> Task:
+        self.metrics.to(device)
+        return self
+
+    def update_metrics(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        prediction = self.decode(output) if self.decode is not None else output
+        for metric in self.metrics.values():
+            metric.update(prediction, target)
+
+    def compute_metrics(self) -> dict[str, float]:
+        """Every value of every metric over all the updates since the last reset."""
+        values = {}
+        for name, metric in self.metrics.items():
+            result = metric.compute()
+            items = result.items() if isinstance(result, Mapping) else [(name, result)]
+            values.update({key: float(value) for key, value in items})
+        return values
+
+    def reset_metrics(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+
+    def directions(self) -> dict[str, bool]:
+        """Metric name -> whether higher is better."""
+        directions = {}
+        for name, metric in self.metrics.items():
+            higher = metric.higher_is_better
+            directions.update(higher if isinstance(higher, Mapping) else {name: bool(higher)})
+        return directions
+
+    def check_targets(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Fails with a clear message when the data's labels do not fit the task's class count."""
+        target = batch[self.target]
+        if self.num_classes is None or not isinstance(target, torch.Tensor) or target.is_floating_point():
+            return
+        labels = target[target != self.ignore_index] if self.ignore_index is not None else target
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise UserError(
+                f"task {self.name!r} predicts {self.num_classes} classes (0..{self.num_classes - 1}), but the data's "
+                f"{self.target!r} targets hold labels from {int(labels.min())} to {int(labels.max())}: set "
+                f"tasks.{self.name}.num_classes to the data's class count (see data.targets), or fix the data")

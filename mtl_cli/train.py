@@ -1,0 +1,234 @@
+"""mtl train: the training recipe, one loop read top to bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mtl_cli.build import (build_dataset, build_loader, build_model, build_optimizer, build_scheduler, build_tasks,
+                           build_weighting, instantiate)
+from mtl_cli.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mtl_cli.engine.logger import Logger
+from mtl_cli.engine.progress import EpochProgress
+from mtl_cli.engine.report import metrics_table
+from mtl_cli.errors import UserError
+from mtl_cli.evaluate import evaluate, flatten, limited, to_device
+from mtl_cli.paths import config_dir
+from mtl_cli.runtime import autocast, config_from_checkpoint, pick_device, seed_everything
+from mtl_cli.tasks import Task
+from mtl_cli.weighting.base import Weighting
+
+log = logging.getLogger("mtl")
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Returns the best value of the monitored metric (what a Hydra sweeper such as Optuna optimises)."""
+    checkpoint = None
+    if cfg.resume:
+        checkpoint = load_checkpoint(cfg.resume)
+        cfg = config_from_checkpoint(checkpoint, cfg, skip=("resume",))
+    return train(cfg, Path(HydraConfig.get().runtime.output_dir), checkpoint)
+
+
+def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> float | None:
+    # 1. Build every part from the config.
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.trainer.device)
+    tasks = {name: task.to(device) for name, task in build_tasks(cfg).items()}
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, cfg.data.split)
+    model = build_model(cfg, tasks).to(device)
+    weighting = build_weighting(cfg, tasks).to(device)
+    optimizer = build_optimizer(cfg, model, weighting)
+    scheduler = build_scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16")
+    monitor = Monitor(cfg.trainer.monitor, cfg.trainer.monitor_mode, tasks)
+    state = {"epoch": 0, "step": 0, "best": None, "best_results": None, "results": None}
+
+    # 2. Resume: every part and every random generator as they were at the end of the saved epoch.
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        weighting.load_state_dict(checkpoint["weighting"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        state.update({key: checkpoint[key] for key in state})
+        set_rng_state(checkpoint["rng"])
+        log.info(f"resumed from {cfg.resume} at epoch {state['epoch']}, step {state['step']}")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    logger: Logger = instantiate(cfg.logger, "logger")(run_dir=run_dir)
+    logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
+    log.info(f"run dir: {run_dir}\ndevice: {device}, tasks: {', '.join(tasks)}, weighting: "
+             f"{type(weighting).__name__}, parameters: {sum(p.numel() for p in model.parameters()):,}")
+
+    # 3. The epochs: train, validate, keep the best and the last checkpoint.
+    max_epochs, max_steps = int(cfg.trainer.max_epochs), cfg.trainer.max_steps
+    progress = EpochProgress(cfg.trainer.progress)
+    started = time.perf_counter()
+    for epoch in range(state["epoch"], max_epochs):
+        loader = build_loader(cfg, train_set, train=True, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        batches = limited(loader, cfg.trainer.limit_train_batches)
+        total = len(loader) if cfg.trainer.limit_train_batches is None else min(len(loader), cfg.trainer.limit_train_batches)
+        progress.start(epoch, max_epochs, total)
+        state["step"] = train_epoch(model, tasks, weighting, optimizer, scaler, batches, device, cfg, logger,
+                                    progress, state["step"], check_targets=epoch == 0)
+        progress.stop()
+        scheduler.step()
+        weighting.epoch_end()
+        state["epoch"] = epoch + 1
+        done = state["epoch"] >= max_epochs or (max_steps is not None and state["step"] >= max_steps)
+
+        if done or state["epoch"] % int(cfg.trainer.val_every) == 0:
+            val_loader = limited(build_loader(cfg, val_set, train=False), cfg.trainer.limit_val_batches)
+            results = evaluate(model, tasks, val_loader, device, cfg.trainer.precision, logger.num_images)
+            log_validation(logger, tasks, results, state["step"])
+            state["results"] = {"loss": results["loss"], "metrics": results["metrics"], "epoch": state["epoch"]}
+            log.info(f"epoch {state['epoch']}/{max_epochs} " + "  ".join(
+                f"{k.removeprefix('val/')} {v:.4g}" for k, v in flatten(results).items()))
+            if monitor.improved(results, state["best"]):
+                state["best"], state["best_results"] = monitor.value(results), state["results"]
+                save_checkpoint(checkpoint_state(cfg, model, weighting, optimizer, scheduler, scaler, state),
+                                run_dir / "checkpoints" / "best.pt")
+        save_checkpoint(checkpoint_state(cfg, model, weighting, optimizer, scheduler, scaler, state),
+                        run_dir / "checkpoints" / "last.pt")
+        if done:
+            break
+
+    # 4. Report: the table, metrics.json, the monitored best for sweepers.
+    logger.close()
+    write_report(run_dir, tasks, state, monitor, time.perf_counter() - started)
+    return state["best"]
+
+
+def train_epoch(model: nn.Module, tasks: dict[str, Task], weighting: Weighting, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, batches, device: torch.device, cfg: DictConfig, logger: Logger,
+                progress: EpochProgress, step: int, check_targets: bool = False) -> int:
+    """One pass over `batches`; returns the global step count. Losses are summed on the device and read
+    (a synchronisation) only every logger.log_every steps."""
+    model.train()
+    weighting.train()
+    max_steps, grad_clip = cfg.trainer.max_steps, cfg.trainer.grad_clip
+    sums: dict[str, torch.Tensor] = {}
+    samples, window_start = 0, time.perf_counter()
+    for batch in batches:
+        if check_targets:
+            check_batch(tasks, batch)
+            check_targets = False
+        batch = to_device(batch, device)
+        with autocast(cfg.trainer.precision, device):
+            outputs = model(batch["image"])
+            losses = {name: task.loss(outputs[name], batch[task.target])
+                      for name, task in tasks.items() if task.target in batch}
+        optimizer.zero_grad(set_to_none=True)
+        weights = weighting.backward(losses, model, scaler)
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        samples += len(batch["image"])
+
+        for name, loss in losses.items():
+            sums[f"train/loss/{name}"] = sums.get(f"train/loss/{name}", 0) + loss.detach().float()
+            sums[f"train/weight/{name}"] = sums.get(f"train/weight/{name}", 0) + weights[name].float()
+        sums["train/loss/total"] = sums.get("train/loss/total", 0) + sum(
+            weights[name].float() * loss.detach().float() for name, loss in losses.items())
+        sums["count"] = sums.get("count", 0) + 1
+        info = None
+        if step % logger.log_every == 0:
+            count = float(sums.pop("count"))
+            scalars = {tag: float(value) / count for tag, value in sums.items()}
+            elapsed = time.perf_counter() - window_start
+            scalars.update({"lr": optimizer.param_groups[0]["lr"], "perf/samples_per_s": samples / elapsed})
+            logger.scalars(scalars, step)
+            info = {tag.removeprefix("train/loss/"): v for tag, v in scalars.items() if tag.startswith("train/loss/")}
+            sums, samples, window_start = {}, 0, time.perf_counter()
+            if not all(math.isfinite(v) for v in info.values()):
+                log.warning(f"step {step}: a loss is not finite: {info}")
+        progress.advance(step, info)
+        if max_steps is not None and step >= max_steps:
+            break
+    return step
+
+
+def check_batch(tasks: dict[str, Task], batch: dict) -> None:
+    """On the first batch: every task's target is in the data, and its labels fit the task's class count."""
+    for task in tasks.values():
+        if task.target not in batch:
+            keys = ", ".join(k for k in batch if k != "image")
+            raise UserError(f"task {task.name!r} reads the target {task.target!r}, which the data does not provide "
+                            f"(its batches hold: {keys})")
+        task.check_targets(batch)
+
+
+def log_validation(logger: Logger, tasks: dict[str, Task], results: dict, step: int) -> None:
+    """Validation scalars, and example predictions next to their targets as images."""
+    logger.scalars(flatten(results), step)
+    examples = results["examples"]
+    if not examples:
+        return
+    logger.images("images/input", examples["image"], step)
+    for name, task in tasks.items():
+        if task.visualize is not None and name in examples["targets"]:
+            pair = [task.visualize(examples["targets"][name]), task.visualize(examples["outputs"][name])]
+            logger.images(f"images/{name} (target | prediction)", torch.cat(pair, dim=-1), step)
+
+
+class Monitor:
+    """The quantity best.pt is chosen on: val/loss/total, val/loss/<task> or val/<task>/<metric>."""
+
+    def __init__(self, name: str, mode: str, tasks: dict[str, Task]):
+        directions = {f"val/{task}/{metric}": higher for task in tasks
+                      for metric, higher in tasks[task].directions().items()}
+        directions.update({f"val/loss/{task}": False for task in [*tasks, "total"]})
+        if name not in directions:
+            raise UserError(f"trainer.monitor={name!r} is not logged by this run; choose one of: "
+                            + ", ".join(sorted(directions)))
+        if mode not in ("auto", "max", "min"):
+            raise UserError(f"trainer.monitor_mode={mode!r} is not one of auto, max, min")
+        self.name = name
+        self.mode = mode if mode != "auto" else ("max" if directions[name] else "min")
+
+    def value(self, results: dict) -> float:
+        return flatten(results)[self.name]
+
+    def improved(self, results: dict, best: float | None) -> bool:
+        value = self.value(results)
+        if best is None or (math.isnan(best) and not math.isnan(value)):
+            return True
+        return value > best if self.mode == "max" else value < best
+
+
+def checkpoint_state(cfg, model, weighting, optimizer, scheduler, scaler, state) -> dict:
+    """Everything an exact resume needs, in types that torch.load(weights_only=True) reads."""
+    return {"config": OmegaConf.to_yaml(cfg, resolve=True), "model": model.state_dict(),
+            "weighting": weighting.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(), **state}
+
+
+def write_report(run_dir: Path, tasks: dict[str, Task], state: dict, monitor: Monitor, seconds: float) -> None:
+    directions = {name: task.directions() for name, task in tasks.items()}
+    final, best = state["results"], state["best_results"]
+    columns = {f"final (epoch {final['epoch']})": final} if final else {}
+    if best:
+        columns[f"best (epoch {best['epoch']})"] = best
+    if columns:
+        log.info(metrics_table(columns, directions, title=f"validation metrics (best on {monitor.name}, {monitor.mode})"))
+    report = {"final": final, "best": best, "monitor": {"name": monitor.name, "mode": monitor.mode,
+                                                        "value": state["best"]},
+              "epochs": state["epoch"], "steps": state["step"], "train_seconds": round(seconds, 2),
+              "higher_is_better": directions}
+    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    log.info(f"wrote {run_dir / 'metrics.json'} and checkpoints in {run_dir / 'checkpoints'}")

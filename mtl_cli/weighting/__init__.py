@@ -1,0 +1,1 @@
+"""Task weighting: how the task losses (and, for gradient methods, the task gradients) become one update."""
