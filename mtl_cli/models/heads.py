@@ -38,13 +38,15 @@ class DenseHead(nn.Module):
 
 
 class PooledHead(nn.Module):
-    """A per-image head (classification, multilabel, count): global average pool of the coarsest map, then an MLP."""
+    """A per-image head (classification, multilabel, count): global average and max pooling of the coarsest map,
+    concatenated, then an MLP. (Max pooling keeps what one object shows strongly, which averaging dilutes.)"""
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], out_channels: int, hidden: int = 128,
                  dropout: float = 0.0):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(in_channels[-1], hidden), nn.ReLU(inplace=True),
+        self.mlp = nn.Sequential(nn.Linear(2 * in_channels[-1], hidden), nn.ReLU(inplace=True),
                                  nn.Dropout(dropout), nn.Linear(hidden, out_channels))
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.mlp(F.adaptive_avg_pool2d(features[-1], 1))
+        x = features[-1]
+        return self.mlp(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1))
