@@ -44,7 +44,7 @@ def build_tasks(cfg: DictConfig) -> dict[str, Task]:
         except (InterpolationKeyError, InterpolationResolutionError) as e:
             provided = ", ".join(cfg.data.get("targets", {})) or "none"
             raise UserError(f"task {name!r} needs a target that data {cfg.data.get('name', '?')!r} does not "
-                            f"provide ({e.msg if hasattr(e, 'msg') else e}). The data provides: {provided}") from None
+                            f"provide ({str(e).splitlines()[0]}). The data provides: {provided}") from None
         tasks[name] = instantiate(cfg.tasks[name], f"tasks.{name}", name=name)
     return tasks
 

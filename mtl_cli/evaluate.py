@@ -17,6 +17,7 @@ from torch import nn
 from mtl_cli.build import build_dataset, build_loader, build_model, build_tasks
 from mtl_cli.engine.checkpoint import load_checkpoint
 from mtl_cli.engine.report import metrics_table
+from mtl_cli.errors import reports_user_errors
 from mtl_cli.paths import config_dir
 from mtl_cli.runtime import autocast, config_from_checkpoint, pick_device
 from mtl_cli.tasks import Task
@@ -82,6 +83,7 @@ def limited(loader: Iterable, limit: int | None) -> Iterable:
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
+@reports_user_errors("eval")
 def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     checkpoint = load_checkpoint(cfg.ckpt)

@@ -22,6 +22,7 @@ from mtl_cli.engine.progress import EpochProgress
 from mtl_cli.engine.report import metrics_table
 from mtl_cli.errors import UserError
 from mtl_cli.evaluate import evaluate, flatten, limited, to_device
+from mtl_cli.errors import reports_user_errors
 from mtl_cli.paths import config_dir
 from mtl_cli.runtime import autocast, config_from_checkpoint, pick_device, seed_everything
 from mtl_cli.tasks import Task
@@ -31,6 +32,7 @@ log = logging.getLogger("mtl")
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@reports_user_errors("train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the best value of the monitored metric (what a Hydra sweeper such as Optuna optimises)."""
     checkpoint = None

@@ -1,0 +1,188 @@
+"""End to end through the installed `mtl` script, in subprocesses, on tiny embedded data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+MTL = str(Path(sys.executable).with_name("mtl"))
+TINY = ["data.dataset.scenes={train:48,val:24,test:24}", "data.dataset.image_size=32", "data.batch_size=16",
+        "trainer.max_epochs=2", "trainer.progress=plain", "logger.log_every=1"]
+TASKS = ["segmentation", "depth", "normals", "classification"]
+
+
+def mtl(*args: str, cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([MTL, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"mtl {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("metrics.json"))
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0}).Reload()
+    return set(events.Tags()["scalars"]) | {f"image:{t}" for t in events.Tags()["images"]} | {
+        f"text:{t}" for t in events.Tags()["tensors"]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One tiny default training run, in the run dir Hydra picks under outputs/."""
+    cwd = tmp_path_factory.mktemp("train")
+    result = mtl("train", *TINY, cwd=cwd)
+    (run_dir,) = run_dirs(cwd / "outputs")
+    (run_dir / "stdout.txt").write_text(result.stdout)
+    return run_dir
+
+
+def test_help_lists_commands_and_every_config_group(tmp_path):
+    assert all(c in mtl("--help", cwd=tmp_path).stdout for c in ("train", "eval"))
+    text = mtl("train", "--help", cwd=tmp_path).stdout
+    groups = sorted(p.name for p in (Path(__file__).parents[1] / "configs").iterdir() if p.is_dir())
+    for group in groups:
+        assert f"{group}:" in text, group
+    assert "resnet18" in text and "uw" in text
+
+
+def test_run_dir_layout(trained):
+    date, leaf = trained.parent.name, trained.name
+    assert trained.parent.parent.name == "outputs" and len(date) == 10
+    assert leaf.endswith("_digit_scenes") and len(leaf.split("_")[0]) == len("18-47-07-907998")
+    for name in ("config.yaml", ".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.json",
+                 "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (trained / name).is_file(), name
+    assert list(trained.glob("events.out.tfevents.*"))
+    assert "trainer:" in (trained / "config.yaml").read_text() and "${" not in (trained / "config.yaml").read_text()
+    assert "validation metrics" in (trained / "train.log").read_text()
+    assert not list(trained.rglob("*.tmp"))
+
+
+def test_tensorboard_has_every_tag(trained):
+    tags = scalar_tags(trained)
+    expected = {"train/loss/total", "lr", "perf/samples_per_s", "val/loss/total", "text:config/text_summary"}
+    for task in TASKS:
+        expected |= {f"train/loss/{task}", f"train/weight/{task}", f"val/loss/{task}"}
+    metrics = json.loads((trained / "metrics.json").read_text())
+    for task, values in metrics["final"]["metrics"].items():
+        expected |= {f"val/{task}/{metric}" for metric in values}
+    expected |= {"image:images/input", "image:images/segmentation (target | prediction)",
+                 "image:images/depth (target | prediction)", "image:images/normals (target | prediction)"}
+    assert expected <= tags, expected - tags
+    assert set(metrics["final"]["metrics"]) == set(TASKS)
+    assert metrics["higher_is_better"]["segmentation"] == {"miou": True, "pixel_acc": True}
+    assert metrics["higher_is_better"]["depth"] == {"abs_err": False, "rel_err": False}
+
+
+def test_eval_reproduces_the_validation_of_training(trained, tmp_path):
+    best = json.loads((trained / "metrics.json").read_text())["best"]
+    result = mtl("eval", f"ckpt={trained / 'checkpoints' / 'best.pt'}", cwd=tmp_path)
+    (eval_dir,) = [p.parent for p in (tmp_path / "outputs").rglob("eval.json")]
+    report = json.loads((eval_dir / "eval.json").read_text())
+    assert report["split"] == "val" and report["epoch"] == best["epoch"]
+    for task, values in best["metrics"].items():
+        for metric, value in values.items():
+            assert report["metrics"][task][metric] == pytest.approx(value, rel=1e-6, abs=1e-9), (task, metric)
+    assert (eval_dir / "eval.log").is_file() and "miou" in result.stdout
+    # An override on top of the checkpoint's config: the test split gives other numbers.
+    (tmp_path / "t").mkdir()
+    mtl("eval", f"ckpt={trained / 'checkpoints' / 'best.pt'}", "data.split=test", cwd=tmp_path / "t")
+    (test_report,) = [json.loads(p.read_text()) for p in (tmp_path / "t" / "outputs").rglob("eval.json")]
+    assert test_report["split"] == "test" and test_report["metrics"] != report["metrics"]
+
+
+def test_checkpoints_load_safely_and_hold_the_resolved_config(trained):
+    state = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)
+    assert state["format"] == "mtl-checkpoint/1" and state["epoch"] == 2
+    assert "_target_: mtl_cli.models.hps.HardSharing" in state["config"]
+
+
+def test_sweep_makes_one_run_dir_each_with_its_own_events(tmp_path):
+    mtl("train", "-m", "weighting=ew,uw", "seed=0,1", *TINY, "trainer.max_epochs=1", cwd=tmp_path)
+    dirs = run_dirs(tmp_path / "multirun")
+    assert len(dirs) == 4 and len({d.name for d in dirs}) == 4
+    weights = set()
+    for d in dirs:
+        tags = scalar_tags(d)
+        assert {"train/loss/total", "train/weight/depth", "val/segmentation/miou", "lr"} <= tags
+        assert len(list(d.glob("events.out.tfevents.*"))) == 1
+        weights.add(json.loads((d / "metrics.json").read_text())["final"]["metrics"]["depth"]["abs_err"])
+    assert len(weights) == 4  # four different runs, not one run logged four times
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["backbone=resnet181"], ["resnet181", "did you mean 'resnet18'", "small_cnn"]),
+    (["trainer.max_epoch=3"], ["trainer.max_epoch", "did you mean 'max_epochs'"]),
+    (["tasks=[segmentation,depthh]"], ["tasks=depthh", "did you mean 'depth'"]),
+    (["~data.targets.depth"], ["task 'depth' needs a target", "The data provides: segmentation"]),
+    (["tasks.depth.target=altitude"], ["'altitude'", "does not provide"]),
+    (["tasks.segmentation.num_classes=5"], ["predicts 5 classes", "labels from 0 to"]),
+    (["backbone=resnet18", "backbone.weights=IMAGENET9K"], ["IMAGENET9K", "IMAGENET1K_V1"]),
+    (["backbone=resnet18", "backbone.weights=IMAGENET1K_V1"], ["could not download", "place the file at"]),
+    (["trainer.monitor=val/segmentation/iou"], ["trainer.monitor", "val/segmentation/miou"]),
+    (["trainer.precision=16", "trainer.device=cpu"], ["CUDA", "bf16"]),
+])
+def test_user_errors_give_one_message_and_exit_2(tmp_path, args, expected):
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY":
+           "http://127.0.0.1:9"}  # a closed port: a download fails at once, network or not
+    result = mtl("train", *TINY, *args, cwd=tmp_path, env=env, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    message = result.stderr.strip()
+    assert message.startswith("mtl train: error:") and len(message.splitlines()) <= 3, message
+    for part in expected:
+        assert part in message, (part, message)
+
+
+def test_eval_errors(tmp_path):
+    missing = mtl("eval", f"ckpt={tmp_path / 'nope.pt'}", cwd=tmp_path, check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    foreign = mtl("eval", f"ckpt={tmp_path / 'other.pt'}", cwd=tmp_path, check=False)
+    assert foreign.returncode == 2 and "not written by mtl train" in foreign.stderr
+    no_ckpt = mtl("eval", cwd=tmp_path, check=False)
+    assert no_ckpt.returncode == 2 and "ckpt" in no_ckpt.stderr
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+    args = [*TINY, "data.dataset.scenes={train:320,val:16,test:16}", "trainer.max_epochs=3", "logger=console"]
+    straight = tmp_path / "straight"
+    mtl("train", *args, f"hydra.run.dir={straight}", cwd=tmp_path)
+
+    killed = tmp_path / "killed"
+    log = tmp_path / "killed.out"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([MTL, "train", *args, f"hydra.run.dir={killed}"], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + 240
+        while "epoch 2/3 step" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()
+    assert not (killed / "metrics.json").exists()  # it really died before the end
+    saved = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)  # whole, not half-written
+    assert saved["epoch"] in (1, 2)
+
+    resumed = tmp_path / "resumed"
+    mtl("train", f"resume={killed / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={resumed}", cwd=tmp_path)
+    final = json.loads((resumed / "metrics.json").read_text())
+    assert final["epochs"] == 3
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert json.loads((straight / "metrics.json").read_text())["final"] == final["final"]
