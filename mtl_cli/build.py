@@ -33,6 +33,16 @@ def instantiate(cfg: Any, where: str, **kwargs: Any) -> Any:
         raise
 
 
+def call(build: Any, where: str, *args: Any, **kwargs: Any) -> Any:
+    """Calls a `_partial_` built from the config; a keyword the target does not take is the user's to fix."""
+    try:
+        return build(*args, **kwargs)
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        raise UserError(f"the config of {where} does not fit {getattr(build, 'func', build).__name__}: {e}") from None
+
+
 def build_tasks(cfg: DictConfig) -> dict[str, Task]:
     """One Task per entry of cfg.tasks, checked against the targets that cfg.data provides."""
     if not cfg.get("tasks"):
@@ -53,7 +63,8 @@ def build_model(cfg: DictConfig, tasks: dict[str, Task]) -> nn.Module:
     """architecture(backbone builder, head builders) -> the multi-task model."""
     backbone = instantiate(cfg.backbone, "backbone")
     architecture = instantiate(cfg.architecture, "architecture")
-    return architecture(backbone=backbone, heads={name: task.head for name, task in tasks.items()})
+    return call(architecture, "architecture/backbone/heads", backbone=backbone,
+                heads={name: task.head for name, task in tasks.items()})
 
 
 def build_weighting(cfg: DictConfig, tasks: dict[str, Task]) -> Weighting:
@@ -63,15 +74,15 @@ def build_weighting(cfg: DictConfig, tasks: dict[str, Task]) -> Weighting:
 def build_optimizer(cfg: DictConfig, model: nn.Module, weighting: Weighting) -> torch.optim.Optimizer:
     """One optimizer over the model and the weighting's own learnable parameters (if any)."""
     params = [p for p in list(model.parameters()) + list(weighting.parameters()) if p.requires_grad]
-    return instantiate(cfg.optimizer, "optimizer")(params)
+    return call(instantiate(cfg.optimizer, "optimizer"), "optimizer", params)
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer):
-    return instantiate(cfg.scheduler, "scheduler")(optimizer)
+    return call(instantiate(cfg.scheduler, "scheduler"), "scheduler", optimizer)
 
 
 def build_dataset(cfg: DictConfig, split: str) -> Dataset:
-    return instantiate(cfg.data.dataset, "data.dataset")(split=split)
+    return call(instantiate(cfg.data.dataset, "data.dataset"), "data.dataset", split=split)
 
 
 def build_loader(cfg: DictConfig, dataset: Dataset, train: bool, generator: torch.Generator | None = None

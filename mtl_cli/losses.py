@@ -13,10 +13,10 @@ configured with the wrong number of output channels.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtl_cli.errors import UserError
+from mtl_cli.ops import unit_vectors
 
 
 def _check_same_shape(what: str, pred: Tensor, target: Tensor) -> None:
@@ -28,10 +28,11 @@ def _check_same_shape(what: str, pred: Tensor, target: Tensor) -> None:
 
 
 def _masked_mean(values: Tensor, valid: Tensor, pred: Tensor) -> Tensor:
-    """Mean of ``values[valid]``; a zero carrying ``pred``'s graph when nothing is valid."""
-    if not bool(valid.any()):
-        return pred.sum() * 0
-    return values[valid].mean()
+    """Mean of ``values[valid]``; a zero carrying ``pred``'s graph when nothing is valid.
+
+    Written without boolean indexing or a host-side check, so it never waits for the GPU."""
+    valid = valid.to(values.dtype)
+    return (values * valid).sum() / valid.sum().clamp(min=1)
 
 
 class MaskedL1Loss(nn.Module):
@@ -66,7 +67,7 @@ class NormalCosineLoss(nn.Module):
         if pred.dim() < 2 or pred.shape[1] != 3:
             raise UserError(f"surface-normal prediction must have 3 channels, got shape {list(pred.shape)}")
         target = target.to(pred.dtype)
-        cos = (F.normalize(pred, dim=1, eps=self.eps) * F.normalize(target, dim=1, eps=self.eps)).sum(dim=1)
+        cos = (unit_vectors(pred, eps=self.eps) * unit_vectors(target, eps=self.eps)).sum(dim=1)
         return _masked_mean(1 - cos, (target != 0).any(dim=1), pred)
 
 

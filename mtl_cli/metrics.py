@@ -12,12 +12,12 @@ Invalid pixels: segmentation targets equal to ``ignore_index``; depth targets eq
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from mtl_cli.errors import UserError
+from mtl_cli.ops import unit_vectors
 
 _NAN = float("nan")
 
@@ -152,8 +152,8 @@ class NormalMetrics(Metric):
         _check_same_shape("surface-normal", preds, target)
         if preds.dim() < 2 or preds.shape[1] != 3:
             raise UserError(f"surface-normal prediction must have 3 channels, got shape {list(preds.shape)}")
-        p = F.normalize(preds.detach().float(), dim=1, eps=self.eps)
-        t = F.normalize(target.float(), dim=1, eps=self.eps)
+        p = unit_vectors(preds.detach().float(), eps=self.eps)
+        t = unit_vectors(target.float(), eps=self.eps)
         cos = (p * t).sum(dim=1).clamp(-1.0, 1.0)
         valid = (target != 0).any(dim=1)
         self.angles.append(torch.rad2deg(torch.acos(cos[valid])))

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mtl_cli.build import (build_dataset, build_loader, build_model, build_optimizer, build_scheduler, build_tasks,
-                           build_weighting, instantiate)
+                           build_weighting, call, instantiate)
 from mtl_cli.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.progress import EpochProgress
@@ -47,7 +47,9 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
     seed_everything(cfg.seed)
     device = pick_device(cfg.trainer.device)
     tasks = {name: task.to(device) for name, task in build_tasks(cfg).items()}
-    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, cfg.data.split)
+    shuffle = torch.Generator()
+    train_loader = build_loader(cfg, build_dataset(cfg, "train"), train=True, generator=shuffle)
+    val_loader = build_loader(cfg, build_dataset(cfg, cfg.data.split), train=False)
     model = build_model(cfg, tasks).to(device)
     weighting = build_weighting(cfg, tasks).to(device)
     optimizer = build_optimizer(cfg, model, weighting)
@@ -69,7 +71,7 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    logger: Logger = instantiate(cfg.logger, "logger")(run_dir=run_dir)
+    logger: Logger = call(instantiate(cfg.logger, "logger"), "logger", run_dir=run_dir)
     logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
     log.info(f"run dir: {run_dir}\ndevice: {device}, tasks: {', '.join(tasks)}, weighting: "
              f"{type(weighting).__name__}, parameters: {sum(p.numel() for p in model.parameters()):,}")
@@ -78,13 +80,13 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
     max_epochs, max_steps = int(cfg.trainer.max_epochs), cfg.trainer.max_steps
     progress = EpochProgress(cfg.trainer.progress)
     started = time.perf_counter()
+    limit, first_epoch = cfg.trainer.limit_train_batches, state["epoch"]
     for epoch in range(state["epoch"], max_epochs):
-        loader = build_loader(cfg, train_set, train=True, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        batches = limited(loader, cfg.trainer.limit_train_batches)
-        total = len(loader) if cfg.trainer.limit_train_batches is None else min(len(loader), cfg.trainer.limit_train_batches)
-        progress.start(epoch, max_epochs, total)
+        shuffle.manual_seed(cfg.seed + epoch)  # an epoch's order depends on (seed, epoch) alone: resume is exact
+        batches = limited(train_loader, limit)
+        progress.start(epoch, max_epochs, len(train_loader) if limit is None else min(len(train_loader), limit))
         state["step"] = train_epoch(model, tasks, weighting, optimizer, scaler, batches, device, cfg, logger,
-                                    progress, state["step"], check_targets=epoch == 0)
+                                    progress, state["step"], check_targets=epoch == first_epoch)
         progress.stop()
         scheduler.step()
         weighting.epoch_end()
@@ -92,8 +94,8 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
         done = state["epoch"] >= max_epochs or (max_steps is not None and state["step"] >= max_steps)
 
         if done or state["epoch"] % int(cfg.trainer.val_every) == 0:
-            val_loader = limited(build_loader(cfg, val_set, train=False), cfg.trainer.limit_val_batches)
-            results = evaluate(model, tasks, val_loader, device, cfg.trainer.precision, logger.num_images)
+            val_batches = limited(val_loader, cfg.trainer.limit_val_batches)
+            results = evaluate(model, tasks, val_batches, device, cfg.trainer.precision, logger.num_images)
             log_validation(logger, tasks, results, state["step"])
             state["results"] = {"loss": results["loss"], "metrics": results["metrics"], "epoch": state["epoch"]}
             log.info(f"epoch {state['epoch']}/{max_epochs} " + "  ".join(

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 MTL = str(Path(sys.executable).with_name("mtl"))
 TINY = ["data.dataset.scenes={train:48,val:24,test:24}", "data.dataset.image_size=32", "data.batch_size=16",
         "trainer.max_epochs=2", "trainer.progress=plain", "logger.log_every=1"]
-TASKS = ["segmentation", "depth", "normals", "classification"]
+TASKS = ["segmentation", "depth", "normals", "count"]
 
 
 def mtl(*args: str, cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

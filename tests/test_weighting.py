@@ -143,7 +143,8 @@ def test_uncertainty_weighting_backward_matches_the_analytic_gradients(present):
     # The total it back-propagates: sum over present tasks of exp(-s)/2 L + s/2.
     losses = model.losses(present)
     total = sum(weighting.weights(losses)[t] * losses[t] for t in losses) + weighting.regularizer(losses)
-    assert float(total.detach()) == pytest.approx(sum(math.exp(-s[t]) / 2 * values[t] + s[t] / 2 for t in present), rel=1e-6)
+    expected_total = sum(math.exp(-s[t]) / 2 * values[t] + s[t] / 2 for t in present)
+    assert float(total.detach()) == pytest.approx(expected_total, rel=1e-6)
 
     used = weighting.backward(model.losses(present), model, _scaler())
     assert set(used) == set(present)

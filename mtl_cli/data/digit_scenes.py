@@ -51,7 +51,7 @@ NOISE_STD = 0.015
 MIN_VISIBLE_PIXELS = 4  # a placement is kept only if every digit keeps this many visible pixels...
 MIN_VISIBLE_FRACTION = 0.3  # ...and this fraction of its unoccluded pixels
 MAX_TRIES = 8  # placements tried per digit before it is dropped
-NEAR, FAR = 1.5, 5.0  # digits stand this far ahead (metres), log-uniform: near enough to read at 64x64
+NEAR, FAR = 1.2, 3.5  # digits stand this far ahead (metres), log-uniform: near enough to read at 64x64
 
 _SOURCE_SPLIT_SEED = 1797  # fixed: the source digits of each split do not depend on the dataset seed
 _SOURCE_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)

@@ -7,7 +7,6 @@ resolved config as YAML text, so `mtl eval` and `resume=` rebuild exactly the mo
 from __future__ import annotations
 
 import os
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -43,9 +42,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                         "written by mtl train (in <run dir>/checkpoints/)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise UserError(f"{str(path)!r} is not a readable mtl checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}). Give a best.pt or last.pt written by mtl train") from None
+    except Exception as e:  # noqa: BLE001 -- whatever torch.load trips on (EOFError, KeyError, UnpicklingError, ...)
+        first_line = next(iter(str(e).splitlines()), "")[:200]
+        raise UserError(f"{str(path)!r} is not a readable mtl checkpoint ({type(e).__name__}"
+                        f"{': ' + first_line if first_line else ''}). Give a best.pt or last.pt written by mtl train"
+                        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{str(path)!r} was not written by mtl train (format {FORMAT} expected): it cannot be "
                         "evaluated or resumed. Give a best.pt or last.pt from an mtl run directory")

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl_cli.ops import unit_vectors
+
 
 class DenseHead(nn.Module):
     """A light decoder for per-pixel tasks (segmentation, depth, normals).
@@ -34,7 +36,7 @@ class DenseHead(nn.Module):
         x = self.fuse(x)
         if self.scale != 1:
             x = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
-        return F.normalize(x, dim=1) if self.normalize else x
+        return unit_vectors(x) if self.normalize else x
 
 
 class PooledHead(nn.Module):
