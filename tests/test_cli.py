@@ -186,3 +186,14 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert json.loads((straight / "metrics.json").read_text())["final"] == final["final"]
+
+
+def test_users_own_config_dir_adds_options_and_cfg_job_prints_without_training(tmp_path):
+    mine = tmp_path / "my_configs" / "backbone"
+    mine.mkdir(parents=True)
+    (mine / "wide_cnn.yaml").write_text("_target_: mtl_cli.models.backbones.small_cnn\n_partial_: true\n"
+                                        "widths: [32, 64, 128, 256]\n")
+    result = mtl("train", "-cd", str(tmp_path / "my_configs"), "backbone=wide_cnn", "--cfg", "job", cwd=tmp_path)
+    assert "- 256" in result.stdout and not (tmp_path / "outputs").exists()
+    info = mtl("train", "-cd", str(tmp_path / "my_configs"), "--info", "searchpath", cwd=tmp_path)
+    assert str(tmp_path / "my_configs") in info.stdout
