@@ -30,13 +30,13 @@ from mtl_cli.train import train_epoch
 
 
 def plain_losses(outputs: dict, batch: dict) -> torch.Tensor:
-    """The default tasks' losses, written out by hand as one would in a script."""
-    depth_valid = batch["depth"] > 0
-    normal_valid = batch["normals"].norm(dim=1) > 0
-    cosine = F.cosine_similarity(outputs["normals"], batch["normals"], dim=1)
+    """The default tasks' losses, written out by hand with plain torch (the same math as mtl's losses)."""
+    depth_valid = (batch["depth"] > 0).float()
+    normal_valid = (batch["normals"].abs().sum(1) > 0).float()
+    cosine = (outputs["normals"] * batch["normals"]).sum(1)  # the head's output and the target are unit vectors
     return (F.cross_entropy(outputs["segmentation"], batch["segmentation"], ignore_index=255)
-            + (outputs["depth"] - batch["depth"]).abs()[depth_valid].mean()
-            + (1 - cosine)[normal_valid].mean()
+            + ((outputs["depth"] - batch["depth"]).abs() * depth_valid).sum() / depth_valid.sum().clamp(min=1)
+            + ((1 - cosine) * normal_valid).sum() / normal_valid.sum().clamp(min=1)
             + (outputs["count"].flatten() - batch["count"].float()).abs().mean())
 
 

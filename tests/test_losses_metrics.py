@@ -68,13 +68,18 @@ def test_masked_l1_matches_numpy_and_skips_invalid():
 def test_normal_cosine_matches_numpy_and_skips_zero_targets():
     rng = np.random.default_rng(1)
     pred = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
-    target = rng.normal(size=pred.shape).astype(np.float32)
+    target = _np_unit(rng.normal(size=pred.shape)).astype(np.float32)  # valid targets are unit vectors
     target[:, :, rng.random((4, 5)) < 0.4] = 0.0
     valid = np.any(target != 0, axis=1)
-    cos = (_np_unit(pred) * _np_unit(target)).sum(1)
+    cos = (_np_unit(pred) * target).sum(1)
     expected = (1 - cos)[valid].mean()
     assert valid.sum() < valid.size  # the zero vectors really are there
-    assert NormalCosineLoss()(_t(pred), _t(target)).item() == pytest.approx(expected, rel=1e-5)
+    # normalize=True normalises a raw prediction; by default the prediction is taken as already unit
+    assert NormalCosineLoss(normalize=True)(_t(pred), _t(target)).item() == pytest.approx(expected, rel=1e-5)
+    unit = _np_unit(pred).astype(np.float32)
+    assert NormalCosineLoss()(_t(unit), _t(target)).item() == pytest.approx(expected, rel=1e-5)
+    raw = ((1 - (pred * target).sum(1))[valid]).mean()
+    assert NormalCosineLoss()(_t(pred), _t(target)).item() == pytest.approx(raw, rel=1e-5)
 
 
 @pytest.mark.parametrize("pred_shape", [(4, 1), (4,)])
