@@ -10,7 +10,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from mtl_cli.data.collate import collate
 from mtl_cli.errors import UserError
@@ -37,8 +37,8 @@ def call(build: Any, where: str, *args: Any, **kwargs: Any) -> Any:
     """Calls a `_partial_` built from the config; a keyword the target does not take is the user's to fix."""
     try:
         return build(*args, **kwargs)
-    except TypeError as e:
-        if "argument" not in str(e):
+    except (TypeError, ValueError) as e:  # an unknown keyword, or a value the constructor refuses (lr=-1)
+        if isinstance(e, TypeError) and "argument" not in str(e):
             raise
         raise UserError(f"the config of {where} does not fit {getattr(build, 'func', build).__name__}: {e}") from None
 
@@ -85,9 +85,17 @@ def build_dataset(cfg: DictConfig, split: str) -> Dataset:
     return call(instantiate(cfg.data.dataset, "data.dataset"), "data.dataset", split=split)
 
 
-def build_loader(cfg: DictConfig, dataset: Dataset, train: bool, generator: torch.Generator | None = None
+def build_loader(cfg: DictConfig, dataset: Dataset, shuffle: torch.Generator | None = None, pin: bool = False
                  ) -> DataLoader:
-    workers = int(cfg.data.num_workers)
-    return DataLoader(dataset, batch_size=int(cfg.data.batch_size), shuffle=train, drop_last=train,
-                      num_workers=workers, collate_fn=collate, generator=generator,
-                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    """Batches of `dataset`; shuffled by `shuffle` (a generator the caller seeds per epoch) if given.
+
+    Worker processes get their seeds from a generator of their own, so the shuffle generator is used by the
+    sampler alone and an epoch's order depends on its seed only (an exact resume, with workers too)."""
+    workers, batch_size = int(cfg.data.num_workers), int(cfg.data.batch_size)
+    if batch_size < 1 or workers < 0:
+        raise UserError(f"data.batch_size={batch_size} and data.num_workers={workers}: the batch size must be at "
+                        "least 1 and the number of workers at least 0")
+    sampler = RandomSampler(dataset, generator=shuffle) if shuffle is not None else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=shuffle is not None,
+                      num_workers=workers, collate_fn=collate, generator=torch.Generator().manual_seed(int(cfg.seed)),
+                      persistent_workers=workers > 0, pin_memory=pin)

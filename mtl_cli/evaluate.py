@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mtl_cli.build import build_dataset, build_loader, build_model, build_tasks
-from mtl_cli.engine.checkpoint import load_checkpoint
+from mtl_cli.engine.checkpoint import load_checkpoint, load_state
 from mtl_cli.engine.report import metrics_table
 from mtl_cli.errors import reports_user_errors
 from mtl_cli.paths import config_dir
@@ -91,10 +91,10 @@ def main(cfg: DictConfig) -> dict:
     device = pick_device(cfg.trainer.device)
     tasks = {name: task.to(device) for name, task in build_tasks(cfg).items()}
     model = build_model(cfg, tasks)
-    model.load_state_dict(checkpoint["model"])
+    load_state(model, checkpoint["model"], "model")
     model.to(device)
     split = cfg.data.split
-    loader = build_loader(cfg, build_dataset(cfg, split), train=False)
+    loader = build_loader(cfg, build_dataset(cfg, split), pin=device.type == "cuda")
     log.info(f"evaluating {cfg.ckpt} (epoch {checkpoint['epoch']}, step {checkpoint['step']}) on split {split!r}")
     results = evaluate(model, tasks, limited(loader, cfg.trainer.limit_val_batches), device, cfg.trainer.precision)
     directions = {name: task.directions() for name, task in tasks.items()}

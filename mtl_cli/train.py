@@ -6,9 +6,11 @@ import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +18,7 @@ from torch import nn
 
 from mtl_cli.build import (build_dataset, build_loader, build_model, build_optimizer, build_scheduler, build_tasks,
                            build_weighting, call, instantiate)
-from mtl_cli.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mtl_cli.engine.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.progress import EpochProgress
 from mtl_cli.engine.report import metrics_table
@@ -46,10 +48,15 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
     # 1. Build every part from the config.
     seed_everything(cfg.seed)
     device = pick_device(cfg.trainer.device)
+    autocast(cfg.trainer.precision, device)  # checks the precision before anything is written
+    if int(cfg.trainer.val_every) < 1 or int(cfg.trainer.max_epochs) < 1:
+        raise UserError(f"trainer.val_every={cfg.trainer.val_every} and trainer.max_epochs={cfg.trainer.max_epochs}"
+                        " must both be at least 1 (the last epoch is always validated)")
     tasks = {name: task.to(device) for name, task in build_tasks(cfg).items()}
     shuffle = torch.Generator()
-    train_loader = build_loader(cfg, build_dataset(cfg, "train"), train=True, generator=shuffle)
-    val_loader = build_loader(cfg, build_dataset(cfg, cfg.data.split), train=False)
+    pin = device.type == "cuda"
+    train_loader = build_loader(cfg, build_dataset(cfg, "train"), shuffle=shuffle, pin=pin)
+    val_loader = build_loader(cfg, build_dataset(cfg, cfg.data.split), pin=pin)
     model = build_model(cfg, tasks).to(device)
     weighting = build_weighting(cfg, tasks).to(device)
     optimizer = build_optimizer(cfg, model, weighting)
@@ -60,11 +67,7 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
 
     # 2. Resume: every part and every random generator as they were at the end of the saved epoch.
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        weighting.load_state_dict(checkpoint["weighting"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        scheduler = restore(checkpoint, cfg, model, weighting, optimizer, scheduler, scaler)
         state.update({key: checkpoint[key] for key in state})
         set_rng_state(checkpoint["rng"])
         log.info(f"resumed from {cfg.resume} at epoch {state['epoch']}, step {state['step']}")
@@ -82,7 +85,7 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
     started = time.perf_counter()
     limit, first_epoch = cfg.trainer.limit_train_batches, state["epoch"]
     for epoch in range(state["epoch"], max_epochs):
-        shuffle.manual_seed(cfg.seed + epoch)  # an epoch's order depends on (seed, epoch) alone: resume is exact
+        shuffle.manual_seed(epoch_seed(cfg.seed, epoch))  # the order depends on (seed, epoch) alone: exact resume
         batches = limited(train_loader, limit)
         progress.start(epoch, max_epochs, len(train_loader) if limit is None else min(len(train_loader), limit))
         state["step"] = train_epoch(model, tasks, weighting, optimizer, scaler, batches, device, cfg, logger,
@@ -138,7 +141,7 @@ def train_epoch(model: nn.Module, tasks: dict[str, Task], weighting: Weighting, 
         weights = weighting.backward(losses, model, scaler)
         if grad_clip is not None:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], float(grad_clip))
         scaler.step(optimizer)
         scaler.update()
         step += 1
@@ -165,6 +168,45 @@ def train_epoch(model: nn.Module, tasks: dict[str, Task], weighting: Weighting, 
         if max_steps is not None and step >= max_steps:
             break
     return step
+
+
+def restore(checkpoint: dict, cfg: DictConfig, model: nn.Module, weighting: Weighting,
+            optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler):
+    """Loads the saved states; returns the scheduler to go on with.
+
+    Settings changed on the resuming command line take effect from the saved epoch on: new optimizer
+    hyperparameters (optimizer.lr=...) replace the saved ones, and a changed schedule (scheduler.*, or
+    trainer.max_epochs for the cosine schedule) is rebuilt and replayed up to the saved epoch."""
+    load_state(model, checkpoint["model"], "model")
+    load_state(weighting, checkpoint["weighting"], "weighting")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    saved = OmegaConf.create(checkpoint["config"])
+    new_optimizer = resolved(saved.optimizer) != resolved(cfg.optimizer)
+    if new_optimizer:
+        for group in optimizer.param_groups:
+            group.update(optimizer.defaults, initial_lr=optimizer.defaults["lr"])
+    if not new_optimizer and resolved(saved.scheduler) == resolved(cfg.scheduler):
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        return scheduler
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"]
+    scheduler = build_scheduler(cfg, optimizer)
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": this is a replay
+        warnings.simplefilter("ignore")
+        for _ in range(checkpoint["epoch"]):
+            scheduler.step()
+    return scheduler
+
+
+def resolved(node) -> object:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for one epoch's shuffle, independent across (seed, epoch) pairs (seed + epoch would make seed 1
+    replay seed 0's orders one epoch later)."""
+    return int(np.random.SeedSequence([int(seed), epoch]).generate_state(1)[0])
 
 
 def check_batch(tasks: dict[str, Task], batch: dict) -> None:
@@ -216,8 +258,9 @@ class Monitor:
 
 
 def checkpoint_state(cfg, model, weighting, optimizer, scheduler, scaler, state) -> dict:
-    """Everything an exact resume needs, in types that torch.load(weights_only=True) reads."""
-    return {"config": OmegaConf.to_yaml(cfg, resolve=True), "model": model.state_dict(),
+    """Everything an exact resume needs, in types that torch.load(weights_only=True) reads. The config is kept
+    unresolved, so that an override on resume (trainer.max_epochs=...) reaches what interpolates it."""
+    return {"config": OmegaConf.to_yaml(cfg), "model": model.state_dict(),
             "weighting": weighting.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(), **state}
 

@@ -62,7 +62,7 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     tasks = build_tasks(cfg)
     dataset = build_dataset(cfg, "train")
-    loader = build_loader(cfg, dataset, train=True, generator=torch.Generator().manual_seed(0))
+    loader = build_loader(cfg, dataset, shuffle=torch.Generator().manual_seed(0))
     batches = [b for _, b in zip(range(args.steps), loader)]
 
     model = build_model(cfg, tasks)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 MTL = str(Path(sys.executable).with_name("mtl"))
@@ -133,6 +134,9 @@ def test_sweep_makes_one_run_dir_each_with_its_own_events(tmp_path):
     (["backbone=resnet18", "backbone.weights=IMAGENET1K_V1"], ["could not download", "place the file at"]),
     (["trainer.monitor=val/segmentation/iou"], ["trainer.monitor", "val/segmentation/miou"]),
     (["trainer.precision=16", "trainer.device=cpu"], ["CUDA", "bf16"]),
+    (["trainer.val_every=0"], ["trainer.val_every=0", "at least 1"]),
+    (["optimizer.lr=-1"], ["optimizer", "Invalid learning rate"]),
+    (["data.batch_size=0"], ["data.batch_size=0", "at least 1"]),
 ])
 def test_user_errors_give_one_message_and_exit_2(tmp_path, args, expected):
     env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY":
@@ -197,3 +201,35 @@ def test_users_own_config_dir_adds_options_and_cfg_job_prints_without_training(t
     assert "- 256" in result.stdout and not (tmp_path / "outputs").exists()
     info = mtl("train", "-cd", str(tmp_path / "my_configs"), "--info", "searchpath", cwd=tmp_path)
     assert str(tmp_path / "my_configs") in info.stdout
+
+
+def test_a_checkpoint_cannot_make_mtl_call_functions_its_configs_do_not_name(trained, tmp_path):
+    state = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
+    marker = tmp_path / "pwned.txt"
+    cfg = OmegaConf.create(state["config"])
+    cfg.tasks.depth.loss = {"_target_": "numpy.savetxt", "fname": str(marker), "X": [1.0]}  # would write a file
+    state["config"] = OmegaConf.to_yaml(cfg)
+    torch.save(state, tmp_path / "evil.pt")
+    result = mtl("eval", f"ckpt={tmp_path / 'evil.pt'}", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "numpy.savetxt" in result.stderr and "trust_checkpoint" in result.stderr
+    assert not marker.exists()
+
+
+def test_resume_with_workers_and_a_longer_schedule_matches_a_straight_run(tmp_path):
+    args = [*TINY, "data.num_workers=2", "logger=console", "data.dataset.image_size=30"]  # 30: not a multiple of 4
+    mtl("train", *args, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
+    mtl("train", *args, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'short'}", cwd=tmp_path)
+    mtl("train", f"resume={tmp_path / 'short' / 'checkpoints' / 'last.pt'}", "trainer.max_epochs=2",
+        f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path)
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_overriding_the_model_of_a_checkpoint_is_a_user_error(trained, tmp_path):
+    result = mtl("eval", f"ckpt={trained / 'checkpoints' / 'best.pt'}", "backbone=resnet18", cwd=tmp_path,
+                 check=False)
+    assert result.returncode == 2 and "does not fit" in result.stderr and "Traceback" not in result.stderr

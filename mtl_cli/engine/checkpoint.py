@@ -53,6 +53,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+def load_state(module: torch.nn.Module, state: dict[str, Any], what: str) -> None:
+    """module.load_state_dict(state), with a mismatch reported as the user's to fix."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        detail = next(iter(str(e).splitlines()[1:2]), str(e))[:300].strip()
+        raise UserError(f"the checkpoint's {what} does not fit the {what} this config builds ({detail}). Overrides "
+                        "of backbone, architecture, tasks or weighting cannot change a trained model") from None
+
+
 def rng_state() -> dict[str, Any]:
     """The state of every random generator, in types that torch.load(weights_only=True) accepts."""
     np_state = np.random.get_state()

@@ -26,11 +26,12 @@ class HardSharing(nn.Module):
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         return self.backbone(image)
 
-    def decode(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {task: head(features) for task, head in self.heads.items()}
+    def decode(self, features: list[torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Every head's output; dense heads come back at `size`, the input's height and width."""
+        return {task: head(features, size) for task, head in self.heads.items()}
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.decode(self.encode(image))
+        return self.decode(self.encode(image), image.shape[-2:])
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         return self.backbone.parameters()
