@@ -96,6 +96,7 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
         state["epoch"] = epoch + 1
         done = state["epoch"] >= max_epochs or (max_steps is not None and state["step"] >= max_steps)
 
+        improved = False
         if done or state["epoch"] % int(cfg.trainer.val_every) == 0:
             val_batches = limited(val_loader, cfg.trainer.limit_val_batches)
             results = evaluate(model, tasks, val_batches, device, cfg.trainer.precision, logger.num_images)
@@ -103,12 +104,13 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
             state["results"] = {"loss": results["loss"], "metrics": results["metrics"], "epoch": state["epoch"]}
             log.info(f"epoch {state['epoch']}/{max_epochs} " + "  ".join(
                 f"{k.removeprefix('val/')} {v:.4g}" for k, v in flatten(results).items()))
-            if monitor.improved(results, state["best"]):
+            improved = monitor.improved(results, state["best"])
+            if improved:
                 state["best"], state["best_results"] = monitor.value(results), state["results"]
-                save_checkpoint(checkpoint_state(cfg, model, weighting, optimizer, scheduler, scaler, state),
-                                run_dir / "checkpoints" / "best.pt")
-        save_checkpoint(checkpoint_state(cfg, model, weighting, optimizer, scheduler, scaler, state),
-                        run_dir / "checkpoints" / "last.pt")
+        snapshot = checkpoint_state(cfg, model, weighting, optimizer, scheduler, scaler, state)
+        if improved:
+            save_checkpoint(snapshot, run_dir / "checkpoints" / "best.pt")
+        save_checkpoint(snapshot, run_dir / "checkpoints" / "last.pt")
         if done:
             break
 
