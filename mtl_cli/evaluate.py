@@ -87,7 +87,7 @@ def limited(loader: Iterable, limit: int | None) -> Iterable:
 def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     checkpoint = load_checkpoint(cfg.ckpt)
-    cfg = config_from_checkpoint(checkpoint, cfg, skip=("ckpt",))
+    cfg = config_from_checkpoint(checkpoint, cfg)
     device = pick_device(cfg.trainer.device)
     tasks = {name: task.to(device) for name, task in build_tasks(cfg).items()}
     model = build_model(cfg, tasks)

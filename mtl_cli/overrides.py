@@ -13,14 +13,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 
-def apply_overrides(saved: DictConfig, composed: DictConfig, overrides: Iterable[str], groups: Iterable[str],
-                    skip: Iterable[str] = ()) -> DictConfig:
+def apply_overrides(saved: DictConfig, composed: DictConfig, overrides: Iterable[str], groups: Iterable[str]
+                    ) -> DictConfig:
     """saved + the user's `overrides` (strings as typed), taking values from the Hydra-`composed` config."""
     cfg = saved.copy()
-    groups, skip = set(groups), set(skip)
+    groups = set(groups)
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
-        if key in skip or key.startswith("hydra.") or override.package is not None:
+        if key.startswith("hydra.") or override.package is not None:
             continue
         with open_dict(cfg):
             if override.is_delete():

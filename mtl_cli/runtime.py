@@ -58,7 +58,7 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     raise UserError(f"trainer.precision={precision!r} is not one of 32, bf16, 16")
 
 
-def config_from_checkpoint(checkpoint: dict, composed: DictConfig, skip: tuple[str, ...]) -> DictConfig:
+def config_from_checkpoint(checkpoint: dict, composed: DictConfig) -> DictConfig:
     """The config saved in `checkpoint`, with the overrides typed on this command line applied on top.
 
     The saved config names classes to build (`_target_`), so a checkpoint from elsewhere could make us call any
@@ -67,10 +67,7 @@ def config_from_checkpoint(checkpoint: dict, composed: DictConfig, skip: tuple[s
     """
     saved = OmegaConf.create(checkpoint["config"])
     hydra_cfg = HydraConfig.get()
-    cfg = apply_overrides(saved, composed, hydra_cfg.overrides.task, groups=hydra_cfg.runtime.choices, skip=skip)
-    for key in skip:  # keep this command's own keys (ckpt=, resume=)
-        if key in composed:
-            OmegaConf.update(cfg, key, composed[key], force_add=True)
+    cfg = apply_overrides(saved, composed, hydra_cfg.overrides.task, groups=hydra_cfg.runtime.choices)
     unknown = sorted(targets(OmegaConf.to_container(cfg, resolve=True)) - known_targets(hydra_cfg))
     if unknown and not cfg.get("trust_checkpoint", False):
         raise UserError(f"the checkpoint's config would build {', '.join(unknown)}, which no config of this "

@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> float | None:
     checkpoint = None
     if cfg.resume:
         checkpoint = load_checkpoint(cfg.resume)
-        cfg = config_from_checkpoint(checkpoint, cfg, skip=("resume",))
+        cfg = config_from_checkpoint(checkpoint, cfg)
     return train(cfg, Path(HydraConfig.get().runtime.output_dir), checkpoint)
 
 

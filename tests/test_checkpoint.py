@@ -285,7 +285,7 @@ def saved():
 OVERRIDES = ["data.split=test", "+extra.key=3", "~trainer.grad_clip", "tasks=[depth]", "ckpt=new.pt"]
 
 
-def _replay(saved, skip=(), overrides=OVERRIDES, extra_groups=()):
+def _replay(saved, overrides=OVERRIDES, extra_groups=()):
     # Hydra itself refuses `~trainer.grad_clip` against the packaged config (its default is null, which Hydra takes
     # for a missing key), so the composed config, a mere source of values, is made from the other overrides;
     # apply_overrides takes deletions from the override list alone.
@@ -293,13 +293,13 @@ def _replay(saved, skip=(), overrides=OVERRIDES, extra_groups=()):
     # the groups as mtl passes them (hydra.runtime.choices: the multi-select `tasks` is not among them)
     groups = [*composed.hydra.runtime.choices, *extra_groups]
     assert "data" in groups and "optimizer" in groups
-    return apply_overrides(saved, composed, overrides, groups=groups, skip=skip), composed
+    return apply_overrides(saved, composed, overrides, groups=groups), composed
 
 
 @pytest.mark.parametrize("extra_groups", [(), ("tasks",)], ids=["choices", "choices+tasks"])
 def test_apply_overrides_replays_keys_groups_and_deletions(saved, extra_groups):
     before = OmegaConf.to_yaml(saved)
-    cfg, composed = _replay(saved, skip=("ckpt",), extra_groups=extra_groups)
+    cfg, composed = _replay(saved, extra_groups=extra_groups)
     assert OmegaConf.to_yaml(saved) == before  # the saved config itself is left alone
 
     assert cfg.data.split == "test"                                     # a key: the composed value
@@ -311,11 +311,8 @@ def test_apply_overrides_replays_keys_groups_and_deletions(saved, extra_groups):
     assert OmegaConf.to_container(cfg.tasks, resolve=True) == OmegaConf.to_container(composed.tasks, resolve=True)
     assert cfg.tasks.depth.target == "depth"
     assert cfg.optimizer._target_ == "torch.optim.SGD"                   # groups not on the command line: saved
-    assert cfg.ckpt == "old.pt"                                         # skipped
+    assert cfg.ckpt == "new.pt" and saved.ckpt == "old.pt"              # this command's own key, replayed
     assert "hydra" not in cfg
-
-    unskipped, _ = _replay(saved, extra_groups=extra_groups)
-    assert unskipped.ckpt == "new.pt"
 
 
 def test_apply_overrides_replaces_a_group_and_sets_a_key_to_null(saved):
@@ -345,7 +342,7 @@ def test_config_from_checkpoint_replays_this_command_line(saved):
     assert list(composed.hydra.overrides.task) == overrides
     HydraConfig.instance().set_config(composed)
     try:
-        cfg = config_from_checkpoint({"config": OmegaConf.to_yaml(saved)}, composed, skip=("ckpt",))
+        cfg = config_from_checkpoint({"config": OmegaConf.to_yaml(saved)}, composed)
     finally:
         HydraConfig.instance().cfg = None
     assert cfg.data.split == "test" and cfg.data.batch_size == 7
