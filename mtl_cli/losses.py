@@ -12,7 +12,6 @@ configured with the wrong number of output channels.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from mtl_cli.errors import UserError

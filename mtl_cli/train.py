@@ -22,9 +22,8 @@ from mtl_cli.engine.checkpoint import load_checkpoint, load_state, rng_state, sa
 from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.progress import EpochProgress
 from mtl_cli.engine.report import metrics_table
-from mtl_cli.errors import UserError
+from mtl_cli.errors import UserError, reports_user_errors
 from mtl_cli.evaluate import evaluate, flatten, limited, to_device
-from mtl_cli.errors import reports_user_errors
 from mtl_cli.paths import config_dir
 from mtl_cli.runtime import autocast, config_from_checkpoint, pick_device, seed_everything
 from mtl_cli.tasks import Task
