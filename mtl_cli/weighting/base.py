@@ -1,22 +1,35 @@
 """The weighting interface: the training loop hands over the step's task losses; the weighting fills the gradients.
 
-Loss-based methods only implement `weights` (and, if they learn something, a `regularizer`); `backward` then
-back-propagates the weighted sum. Gradient-based methods (which need per-task gradients of the shared parameters
-or of the shared features) override `backward` itself, using the model's `shared_parameters()` or `encode`/`decode`
-split; the loop does not change. State that must survive a resume lives in parameters and buffers, so the
-weighting's `state_dict` is saved in checkpoints.
+Two families, one call (`backward`), so the loop never knows which method runs:
+
+- `Weighting` (loss-based): implements `weights` (and, if it learns something, a `regularizer`); `backward`
+  back-propagates the weighted sum once. Per-task gradients are computed only when asked to measure them
+  (`trainer.log_grad_conflicts`).
+- `GradientWeighting`: implements `aggregate`, a pure function of the T x P matrix of task gradients (and of the
+  method's own state) giving the coefficient of each task gradient in the update. Obtaining that matrix and writing
+  the update back are shared (`mtl_cli/weighting/gradients.py`).
+
+State that must survive a resume lives in parameters and buffers, so the weighting's `state_dict` is checkpointed.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from mtl_cli.errors import UserError
+from mtl_cli.weighting import gradients
+
+log = logging.getLogger("mtl")
+
+Logs = dict[str, torch.Tensor]
+
 
 class Weighting(nn.Module):
-    """Combines the losses of the tasks present in a step into one backward pass.
+    """Combines the losses of the tasks present in a step into one update.
 
     `losses` maps task name -> scalar loss, for the tasks that have targets in this batch (a subset of `tasks`).
     """
@@ -33,13 +46,121 @@ class Weighting(nn.Module):
         """A term added to the weighted loss (e.g. uncertainty weighting's log-variances); 0 by default."""
         return 0.0
 
-    def backward(self, losses: dict[str, torch.Tensor], model: nn.Module, scaler: torch.amp.GradScaler
-                 ) -> dict[str, torch.Tensor]:
-        """Back-propagates the combined loss into `.grad` (scaled for fp16) and returns the weights used."""
+    def backward(self, losses: dict[str, torch.Tensor], model: nn.Module, scaler: torch.amp.GradScaler,
+                 features=None, log_grads: bool = False, measure: bool = False) -> Logs:
+        """Fills `.grad` (scaled for fp16) and returns what to log: `train/weight/<task>` and, when the
+        gradients were computed and `log_grads` is set, `grad/norm/<task>` and `grad/cos/<a>-<b>`.
+
+        `features` is the shared representation the model computed (`model.encode`), `measure` asks a loss-based
+        method to compute the per-task gradients anyway (exactly the same update, T backward passes)."""
         weights = self.weights(losses)
-        total = sum(weights[t] * losses[t] for t in losses) + self.regularizer(losses)
-        scaler.scale(total).backward()
-        return {t: w.detach() for t, w in weights.items()}
+        logs = {f"train/weight/{t}": w.detach() for t, w in weights.items()}
+        if not measure:
+            total = sum(weights[t] * losses[t] for t in losses) + self.regularizer(losses)
+            scaler.scale(total).backward()
+            return logs
+        own = sum(weights[t] * losses[t].detach() for t in losses) + self.regularizer(losses)
+        if isinstance(own, torch.Tensor) and own.requires_grad:  # learned weights get their gradient alone
+            own.backward()
+        coefficients = torch.stack([weights[t].detach() for t in losses]).float()
+        jacobian = gradients.task_gradients(list(losses.values()), model, features, "params", scaler)
+        jacobian.apply(coefficients @ jacobian.matrix, coefficients)
+        logs.update(gradient_stats(jacobian.matrix, list(losses)))
+        return logs
 
     def epoch_end(self) -> None:
         """Called after every training epoch, for methods that adapt per epoch."""
+
+
+class GradientWeighting(Weighting):
+    """A method that looks at the per-task gradients: the update of the shared parameters is `c @ G`, with G the
+    T x P matrix of task gradients and c the coefficients from `aggregate`.
+
+    grad_target: `params` (exact gradients of the shared parameters: one trunk backward per task) or
+    `representation` (gradients of the shared features, one trunk backward in all; the coefficients computed
+    from them are then applied exactly). grad_every: for methods whose coefficients are loss weights, compute
+    them every k steps and reuse the last ones in between (an ordinary backward of the weighted loss).
+
+    Class attributes a method sets: `grad_targets`, the targets it allows; `loss_weights`, whether its
+    coefficients are loss weights (then the task-specific parameters, the heads, get them too and grad_every may
+    reuse them) or only coefficients of a combined direction (then each head gets its own task's raw gradient).
+    """
+
+    grad_targets: tuple[str, ...] = ("params", "representation")
+    loss_weights: bool = True
+
+    def __init__(self, tasks: Sequence[str], grad_target: str = "params", grad_every: int = 1):
+        super().__init__(tasks)
+        name = type(self).__name__
+        if grad_target not in self.grad_targets:
+            raise UserError(f"{name} does not support grad_target={grad_target!r}; it allows: "
+                            + ", ".join(self.grad_targets))
+        if int(grad_every) < 1 or (int(grad_every) > 1 and not self.loss_weights):
+            allowed = "a positive integer" if self.loss_weights else "1 (it does not produce loss weights to reuse)"
+            raise UserError(f"{name}: grad_every={grad_every} must be {allowed}")
+        self.grad_target, self.grad_every = grad_target, int(grad_every)
+        self.register_buffer("last_weights", torch.ones(len(self.tasks)))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("solver_failures", torch.zeros((), dtype=torch.long))
+        self._warned = False
+
+    def aggregate(self, grads: torch.Tensor, losses: torch.Tensor, index: list[int]) -> torch.Tensor:
+        """The coefficient of each row of `grads` [T', P] in the update; `losses` [T'] are the detached task
+        losses and `index` the position in `self.tasks` of each row (the tasks present this step)."""
+        raise NotImplementedError
+
+    def combine(self, grads: torch.Tensor, losses: torch.Tensor, index: list[int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the update [P], the weights to log [T']). Methods whose update is not a combination of the rows
+        (GradDrop, DB-MTL's averaged gradients) override this."""
+        coefficients = self.aggregate(grads, losses, index)
+        return coefficients.to(grads.dtype) @ grads, coefficients
+
+    def head_weights(self, weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """The factor on each task's gradient for its own (task-specific) parameters."""
+        return weights if self.loss_weights else torch.ones_like(weights)
+
+    def solver_failed(self, message: str) -> None:
+        """A sub-problem did not converge: warn once per run, count every time (logged as grad/solver_failures)."""
+        self.solver_failures += 1
+        if not self._warned:
+            log.warning(f"{type(self).__name__}: {message} (warned once; every failure is counted in "
+                        "grad/solver_failures)")
+            self._warned = True
+
+    def weights(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {t: self.last_weights[self.tasks.index(t)] for t in losses}
+
+    def backward(self, losses: dict[str, torch.Tensor], model: nn.Module, scaler: torch.amp.GradScaler,
+                 features=None, log_grads: bool = False, measure: bool = False) -> Logs:
+        names = list(losses)
+        index = [self.tasks.index(t) for t in names]
+        refresh = int(self.steps) % self.grad_every == 0
+        self.steps += 1
+        if not refresh:  # reuse the last loss weights: one ordinary backward
+            return super().backward(losses, model, scaler, features, log_grads, measure)
+        jacobian = gradients.task_gradients(list(losses.values()), model, features, self.grad_target, scaler)
+        values = torch.stack([losses[t].detach().float() for t in names])
+        if jacobian.finite():
+            update, weights = self.combine(jacobian.matrix, values, index)
+            weights = weights.detach().float()
+        else:  # an fp16 overflow: hand the non-finite sum on, so that the GradScaler skips this step
+            update, weights = jacobian.matrix.sum(0), torch.ones(len(names), device=values.device)
+        jacobian.apply(update, self.head_weights(weights, values).to(update.dtype))
+        if self.loss_weights:
+            self.last_weights[index] = weights.to(self.last_weights)
+        logs = {f"train/weight/{t}": weights[i] for i, t in enumerate(names)}
+        if log_grads:
+            logs.update(gradient_stats(jacobian.matrix, names))
+            logs["grad/solver_failures"] = self.solver_failures.float()
+        return logs
+
+
+def gradient_stats(grads: torch.Tensor, names: list[str]) -> Logs:
+    """grad/norm/<task> and the pairwise cosine similarities grad/cos/<a>-<b> of the task gradients."""
+    gram = grads @ grads.T
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    cos = gram / (norms[:, None] * norms[None, :]).clamp(min=1e-12)
+    logs = {f"grad/norm/{t}": norms[i] for i, t in enumerate(names)}
+    logs.update({f"grad/cos/{a}-{b}": cos[i, j] for i, a in enumerate(names) for j, b in enumerate(names) if i < j})
+    return logs

@@ -1,0 +1,108 @@
+"""Per-task gradients: the one piece of plumbing every gradient method shares.
+
+The model splits into a shared trunk (`model.encode(image) -> features`, parameters `model.shared_parameters()`)
+and task-specific parts (every other parameter; head t depends on the features and on nothing shared). So the
+exact per-task gradients cost one backward through the heads plus T backward passes through the trunk alone:
+
+1. for each task, `grad(L_t, features + head parameters)`: only head t's part of the graph runs, so the T calls
+   together cost one backward through all heads; they give dL_t/dfeatures and head t's own gradient;
+2. `params`: for each task, `grad(features, shared, grad_outputs=dL_t/dfeatures)`, a backward through the trunk;
+   `representation`: the rows are the dL_t/dfeatures themselves and the trunk runs once, in `apply`.
+
+`scripts/bench_jacobian.py` measures this against T full backward passes, `is_grads_batched` and torch.func;
+the trunk passes are looped (`backend="loop"`) because that was the fastest (figures in the README).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mtl_cli.errors import UserError
+
+
+class TaskJacobian:
+    """The T x P matrix of task gradients (unscaled, float32) and what is needed to write an update back."""
+
+    def __init__(self, matrix: torch.Tensor, shared: list[torch.Tensor], heads: list[nn.Parameter],
+                 head_grads: list[Sequence[torch.Tensor | None]], features: list[torch.Tensor] | None,
+                 target: str, scale: float):
+        self.matrix, self.shared, self.heads, self.head_grads = matrix, shared, heads, head_grads
+        self.features, self.target, self.scale = features, target, scale
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.matrix).all())
+
+    def apply(self, update: torch.Tensor, head_weights: torch.Tensor) -> None:
+        """Accumulates `update` [P] into the shared parameters' gradients (through the trunk for the
+        representation target) and sum_t head_weights[t] * (task t's head gradient) into the other parameters'.
+        Everything is multiplied back by the loss scale, so the GradScaler unscales and checks as usual."""
+        update = update * self.scale if self.scale != 1.0 else update
+        pieces = update.split([t.numel() for t in self.shared])
+        if self.target == "representation":
+            torch.autograd.backward(self.features, [p.view_as(f).to(f.dtype) for p, f in zip(pieces, self.features)])
+        else:
+            for param, piece in zip(self.shared, pieces):
+                accumulate(param, piece.view_as(param).to(param.dtype))
+        for k, param in enumerate(self.heads):
+            parts = [w * grads[k] for w, grads in zip(head_weights, self.head_grads) if grads[k] is not None]
+            if parts:
+                accumulate(param, torch.stack(parts).sum(0).to(param.dtype))
+
+
+def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, features, target: str,
+                   scaler: torch.amp.GradScaler | None = None, backend: str = "loop") -> TaskJacobian:
+    """The gradient of each loss with respect to the shared parameters (`params`) or to the shared `features`
+    (`representation`), as rows of a matrix. `features`: what `model.encode` returned (a tensor or a list of
+    them), or None for a model without that split (then every task runs a full backward). `backend`: how the
+    trunk passes run, `loop` (one retained backward each) or `batched` (`is_grads_batched`, vmap)."""
+    scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+    scaled = [loss * scale for loss in losses] if scale != 1.0 else list(losses)
+    shared_params = [p for p in getattr(model, "shared_parameters", model.parameters)() if p.requires_grad]
+    ids = {id(p) for p in shared_params}
+    heads = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    count = len(scaled)
+
+    if features is None:
+        if target == "representation":
+            raise UserError(f"grad_target=representation needs a model with a shared representation "
+                            f"(encode/decode); {type(model).__name__} has none: use grad_target=params")
+        rows, head_grads = [], []
+        for i, loss in enumerate(scaled):
+            grads = torch.autograd.grad(loss, shared_params + heads, retain_graph=i < count - 1, allow_unused=True)
+            rows.append(flat(grads[:len(shared_params)], shared_params))
+            head_grads.append(grads[len(shared_params):])
+        return TaskJacobian(torch.stack(rows).float() / scale, shared_params, heads, head_grads, None, "params",
+                            scale)
+
+    features = list(features) if isinstance(features, (list, tuple)) else [features]
+    feature_grads, head_grads = [], []
+    for loss in scaled:
+        grads = torch.autograd.grad(loss, features + heads, retain_graph=True, allow_unused=True)
+        feature_grads.append([torch.zeros_like(f) if g is None else g for f, g in zip(features, grads)])
+        head_grads.append(grads[len(features):])
+    if target == "representation":
+        matrix = torch.stack([flat(g, features) for g in feature_grads]).float() / scale
+        return TaskJacobian(matrix, features, heads, head_grads, features, target, scale)
+
+    if backend == "batched":
+        stacked = [torch.stack([g[k] for g in feature_grads]) for k in range(len(features))]
+        grads = torch.autograd.grad(features, shared_params, stacked, is_grads_batched=True, allow_unused=True)
+        matrix = torch.cat([torch.zeros(count, p.numel(), device=p.device) if g is None else g.reshape(count, -1)
+                            for g, p in zip(grads, shared_params)], dim=1)
+    else:
+        matrix = torch.stack([flat(torch.autograd.grad(features, shared_params, g, retain_graph=i < count - 1,
+                                                       allow_unused=True), shared_params)
+                              for i, g in enumerate(feature_grads)])
+    return TaskJacobian(matrix.float() / scale, shared_params, heads, head_grads, None, "params", scale)
+
+
+def flat(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One vector from a list of gradients (zeros where a tensor got none)."""
+    return torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1).float() for g, t in zip(grads, like)])
+
+
+def accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    param.grad = grad if param.grad is None else param.grad + grad
