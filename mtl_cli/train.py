@@ -28,6 +28,7 @@ from mtl_cli.paths import config_dir
 from mtl_cli.runtime import autocast, config_from_checkpoint, pick_device, seed_everything
 from mtl_cli.tasks import Task
 from mtl_cli.weighting.base import Weighting
+from mtl_cli.weighting.gradients import FeatureCut
 
 log = logging.getLogger("mtl")
 
@@ -127,7 +128,9 @@ def train_epoch(model: nn.Module, tasks: dict[str, Task], weighting: Weighting, 
     model.train()
     weighting.train()
     max_steps, grad_clip = cfg.trainer.max_steps, cfg.trainer.grad_clip
+    conflicts = bool(cfg.trainer.log_grad_conflicts)
     sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     samples, window_start = 0, time.perf_counter()
     for batch in batches:
         if check_targets:
@@ -135,11 +138,13 @@ def train_epoch(model: nn.Module, tasks: dict[str, Task], weighting: Weighting, 
             check_targets = False
         batch = to_device(batch, device)
         with autocast(cfg.trainer.precision, device):
-            outputs = model(batch["image"])
+            cut = FeatureCut(model.encode(batch["image"]))  # heads read leaf copies: see weighting/gradients.py
+            outputs = model.decode(cut.leaves, batch["image"].shape[-2:])
             losses = {name: task.loss(outputs[name], batch[task.target])
                       for name, task in tasks.items() if task.target in batch}
         optimizer.zero_grad(set_to_none=True)
-        weights = weighting.backward(losses, model, scaler)
+        logged = (step + 1) % logger.log_every == 0
+        logs = weighting.backward(losses, model, scaler, cut, log_grads=logged, measure=logged and conflicts)
         if grad_clip is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], float(grad_clip))
@@ -148,21 +153,19 @@ def train_epoch(model: nn.Module, tasks: dict[str, Task], weighting: Weighting, 
         step += 1
         samples += len(batch["image"])
 
-        for name, loss in losses.items():
-            sums[f"train/loss/{name}"] = sums.get(f"train/loss/{name}", 0) + loss.detach().float()
-            sums[f"train/weight/{name}"] = sums.get(f"train/weight/{name}", 0) + weights[name].float()
-        sums["train/loss/total"] = sums.get("train/loss/total", 0) + sum(
-            weights[name].float() * loss.detach().float() for name, loss in losses.items())
-        sums["count"] = sums.get("count", 0) + 1
+        logs.update({f"train/loss/{name}": loss.detach().float() for name, loss in losses.items()})
+        logs["train/loss/total"] = sum(logs[f"train/loss/{name}"] for name in losses)
+        for tag, value in logs.items():  # summed on the device: no synchronisation until the log step
+            sums[tag] = sums.get(tag, 0) + value
+            counts[tag] = counts.get(tag, 0) + 1
         info = None
         if step % logger.log_every == 0:
-            count = float(sums.pop("count"))
-            scalars = {tag: float(value) / count for tag, value in sums.items()}
+            scalars = {tag: float(value) / counts[tag] for tag, value in sums.items()}
             elapsed = time.perf_counter() - window_start
             scalars.update({"lr": optimizer.param_groups[0]["lr"], "perf/samples_per_s": samples / elapsed})
             logger.scalars(scalars, step)
             info = {tag.removeprefix("train/loss/"): v for tag, v in scalars.items() if tag.startswith("train/loss/")}
-            sums, samples, window_start = {}, 0, time.perf_counter()
+            sums, counts, samples, window_start = {}, {}, 0, time.perf_counter()
             if not all(math.isfinite(v) for v in info.values()):
                 log.warning(f"step {step}: a loss is not finite: {info}")
         progress.advance(step, info)

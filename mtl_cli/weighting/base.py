@@ -47,23 +47,25 @@ class Weighting(nn.Module):
         return 0.0
 
     def backward(self, losses: dict[str, torch.Tensor], model: nn.Module, scaler: torch.amp.GradScaler,
-                 features=None, log_grads: bool = False, measure: bool = False) -> Logs:
+                 cut: gradients.FeatureCut | None = None, log_grads: bool = False, measure: bool = False) -> Logs:
         """Fills `.grad` (scaled for fp16) and returns what to log: `train/weight/<task>` and, when the
         gradients were computed and `log_grads` is set, `grad/norm/<task>` and `grad/cos/<a>-<b>`.
 
-        `features` is the shared representation the model computed (`model.encode`), `measure` asks a loss-based
+        `cut`: the shared representation the model computed (`model.encode`), cut from the heads' graph; `measure` asks a loss-based
         method to compute the per-task gradients anyway (exactly the same update, T backward passes)."""
         weights = self.weights(losses)
         logs = {f"train/weight/{t}": w.detach() for t, w in weights.items()}
         if not measure:
             total = sum(weights[t] * losses[t] for t in losses) + self.regularizer(losses)
             scaler.scale(total).backward()
+            if cut is not None:
+                cut.backward_trunk()
             return logs
         own = sum(weights[t] * losses[t].detach() for t in losses) + self.regularizer(losses)
         if isinstance(own, torch.Tensor) and own.requires_grad:  # learned weights get their gradient alone
             own.backward()
         coefficients = torch.stack([weights[t].detach() for t in losses]).float()
-        jacobian = gradients.task_gradients(list(losses.values()), model, features, "params", scaler)
+        jacobian = gradients.task_gradients(list(losses.values()), model, cut, "params", scaler)
         jacobian.apply(coefficients @ jacobian.matrix, coefficients)
         logs.update(gradient_stats(jacobian.matrix, list(losses)))
         return logs
@@ -132,14 +134,14 @@ class GradientWeighting(Weighting):
         return {t: self.last_weights[self.tasks.index(t)] for t in losses}
 
     def backward(self, losses: dict[str, torch.Tensor], model: nn.Module, scaler: torch.amp.GradScaler,
-                 features=None, log_grads: bool = False, measure: bool = False) -> Logs:
+                 cut: gradients.FeatureCut | None = None, log_grads: bool = False, measure: bool = False) -> Logs:
         names = list(losses)
         index = [self.tasks.index(t) for t in names]
         refresh = int(self.steps) % self.grad_every == 0
         self.steps += 1
         if not refresh:  # reuse the last loss weights: one ordinary backward
-            return super().backward(losses, model, scaler, features, log_grads, measure)
-        jacobian = gradients.task_gradients(list(losses.values()), model, features, self.grad_target, scaler)
+            return super().backward(losses, model, scaler, cut, log_grads, measure)
+        jacobian = gradients.task_gradients(list(losses.values()), model, cut, self.grad_target, scaler)
         values = torch.stack([losses[t].detach().float() for t in names])
         if jacobian.finite():
             update, weights = self.combine(jacobian.matrix, values, index)

@@ -1,11 +1,15 @@
 """Per-task gradients: the one piece of plumbing every gradient method shares.
 
 The model splits into a shared trunk (`model.encode(image) -> features`, parameters `model.shared_parameters()`)
-and task-specific parts (every other parameter; head t depends on the features and on nothing shared). So the
-exact per-task gradients cost one backward through the heads plus T backward passes through the trunk alone:
+and task-specific parts (every other parameter; head t depends on the features and on nothing shared). The
+training loop cuts the graph there (`FeatureCut`): the heads read leaf copies of the features, and the trunk
+gets their gradients in a second backward call. So the exact per-task gradients cost one backward through the
+heads plus T backward passes through the trunk alone:
 
-1. for each task, `grad(L_t, features + head parameters)`: only head t's part of the graph runs, so the T calls
-   together cost one backward through all heads; they give dL_t/dfeatures and head t's own gradient;
+1. for each task, `grad(L_t, leaves + head parameters)`: only head t's part of the graph runs, so the T calls
+   together cost one backward through all heads; they give dL_t/dfeatures and head t's own gradient (the cut
+   matters when one feature map feeds another: without it dL_t/dfeatures would count the deeper maps' paths
+   twice in the trunk pass);
 2. `params`: for each task, `grad(features, shared, grad_outputs=dL_t/dfeatures)`, a backward through the trunk;
    `representation`: the rows are the dL_t/dfeatures themselves and the trunk runs once, in `apply`.
 
@@ -21,6 +25,25 @@ import torch
 from torch import nn
 
 from mtl_cli.errors import UserError
+
+
+class FeatureCut:
+    """The trunk's output `features` (a tensor or a list of them) and the leaf copies the heads read (`leaves`,
+    the same structure). After a backward of the losses, `backward_trunk` carries the leaves' gradients on."""
+
+    def __init__(self, features):
+        self.is_list = isinstance(features, (list, tuple))
+        self.features = list(features) if self.is_list else [features]
+        self.inputs = [f.detach().requires_grad_(f.requires_grad) for f in self.features]
+
+    @property
+    def leaves(self):
+        return self.inputs if self.is_list else self.inputs[0]
+
+    def backward_trunk(self) -> None:
+        pairs = [(f, x.grad) for f, x in zip(self.features, self.inputs) if x.grad is not None and f.requires_grad]
+        if pairs:
+            torch.autograd.backward([f for f, _ in pairs], [g for _, g in pairs])
 
 
 class TaskJacobian:
@@ -52,11 +75,11 @@ class TaskJacobian:
                 accumulate(param, torch.stack(parts).sum(0).to(param.dtype))
 
 
-def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, features, target: str,
+def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, cut: FeatureCut | None, target: str,
                    scaler: torch.amp.GradScaler | None = None, backend: str = "loop") -> TaskJacobian:
     """The gradient of each loss with respect to the shared parameters (`params`) or to the shared `features`
-    (`representation`), as rows of a matrix. `features`: what `model.encode` returned (a tensor or a list of
-    them), or None for a model without that split (then every task runs a full backward). `backend`: how the
+    (`representation`), as rows of a matrix. `cut`: the features `model.encode` returned, cut from the heads'
+    graph, or None for a model without that split (then every task runs a full backward). `backend`: how the
     trunk passes run, `loop` (one retained backward each) or `batched` (`is_grads_batched`, vmap)."""
     scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
     scaled = [loss * scale for loss in losses] if scale != 1.0 else list(losses)
@@ -65,7 +88,7 @@ def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, features, t
     heads = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     count = len(scaled)
 
-    if features is None:
+    if cut is None:
         if target == "representation":
             raise UserError(f"grad_target=representation needs a model with a shared representation "
                             f"(encode/decode); {type(model).__name__} has none: use grad_target=params")
@@ -77,10 +100,10 @@ def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, features, t
         return TaskJacobian(torch.stack(rows).float() / scale, shared_params, heads, head_grads, None, "params",
                             scale)
 
-    features = list(features) if isinstance(features, (list, tuple)) else [features]
+    features, leaves = cut.features, cut.inputs
     feature_grads, head_grads = [], []
     for loss in scaled:
-        grads = torch.autograd.grad(loss, features + heads, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(loss, leaves + heads, retain_graph=True, allow_unused=True)
         feature_grads.append([torch.zeros_like(f) if g is None else g for f, g in zip(features, grads)])
         head_grads.append(grads[len(features):])
     if target == "representation":
