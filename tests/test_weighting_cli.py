@@ -1,0 +1,71 @@
+"""Every weighting option through the installed `mtl` script: one sweep over all of them, and exact resume of
+stateful ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from mtl_cli.paths import config_dir
+from mtl_cli.weighting.base import GradientWeighting
+from test_cli import TASKS, TINY, mtl, run_dirs, scalar_tags
+
+OPTIONS = sorted(p.stem for p in (config_dir() / "weighting").glob("*.yaml"))
+STEPS = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "logger.log_every=1"]
+
+
+def is_gradient_method(option: str) -> bool:
+    target = OmegaConf.load(config_dir() / "weighting" / f"{option}.yaml")["_target_"]
+    return issubclass(get_class(target), GradientWeighting)
+
+
+def test_one_sweep_trains_every_weighting_and_logs_its_weights(tmp_path):
+    mtl("train", "-m", f"weighting={','.join(OPTIONS)}", *TINY, *STEPS, cwd=tmp_path)
+    dirs = run_dirs(tmp_path / "multirun")
+    assert len(dirs) == len(OPTIONS)
+    for run_dir in dirs:
+        option = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")[0].removeprefix("weighting=")
+        tags = scalar_tags(run_dir)
+        assert {f"train/weight/{t}" for t in TASKS} <= tags, option
+        assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 2, option
+        conflicts = {f"grad/norm/{t}" for t in TASKS} | {"grad/cos/segmentation-depth", "grad/cos/normals-count"}
+        if is_gradient_method(option):
+            assert conflicts | {"grad/solver_failures"} <= tags, option
+        else:
+            assert not any(tag.startswith("grad/") for tag in tags), option
+
+
+def test_loss_based_methods_log_gradient_conflicts_when_asked(tmp_path):
+    mtl("train", "weighting=uw", "trainer.log_grad_conflicts=true", *TINY, *STEPS,
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    tags = scalar_tags(tmp_path / "run")
+    assert {f"grad/norm/{t}" for t in TASKS} | {"grad/cos/depth-normals"} <= tags
+
+
+@pytest.mark.parametrize("option", ["famo", "gradvac", "nash_mtl"])
+def test_resuming_a_stateful_method_gives_the_uninterrupted_run(tmp_path, option):
+    args = [*TINY, f"weighting={option}", "trainer.limit_train_batches=2", "logger=console"]
+    mtl("train", *args, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
+    mtl("train", *args, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'short'}", cwd=tmp_path)
+    mtl("train", f"resume={tmp_path / 'short' / 'checkpoints' / 'last.pt'}", "trainer.max_epochs=2",
+        f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path)
+    a, b = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert a["epoch"] == b["epoch"] == 2 and a["weighting"].keys() == b["weighting"].keys()
+    for part in ("weighting", "model"):
+        for name, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][name]), f"{part}.{name}"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("+weighting.grad_every=3", "grad_every=3 must be 1"),  # pcgrad's coefficients are not loss weights to reuse
+    ("weighting.grad_target=pixels", "does not support grad_target='pixels'; it allows: params, representation"),
+])
+def test_an_option_the_method_does_not_allow_is_one_clear_error(tmp_path, override, expected):
+    result = mtl("train", "weighting=pcgrad", override, *TINY, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("*.pt"))
