@@ -25,6 +25,7 @@ from mtl_cli.models.heads import DenseHead, PooledHead
 from mtl_cli.paths import config_dir
 from mtl_cli.runtime import autocast, pick_device
 from mtl_cli.train import Monitor
+from mtl_cli.weighting.gradients import FeatureCut
 
 CONFIGS = config_dir()
 SIZE, BATCH = 32, 2
@@ -128,8 +129,9 @@ def check_builds_and_runs(cfg, tmp_path):
     assert all(f.shape[0] == BATCH and torch.isfinite(f).all() for f in features)
 
     model.train()
-    with autocast(cfg.trainer.precision, device):
-        outputs = model(batch["image"])
+    with autocast(cfg.trainer.precision, device):  # as the training loop does: heads read the cut features
+        cut = FeatureCut(model.encode(batch["image"]))
+        outputs = model.decode(cut.leaves, batch["image"].shape[-2:])
     assert set(outputs) == set(tasks)
     losses = {}
     for name, task in tasks.items():
@@ -145,7 +147,7 @@ def check_builds_and_runs(cfg, tmp_path):
 
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.zero_grad(set_to_none=True)
-    weighting.backward(losses, model, torch.amp.GradScaler("cpu", enabled=False))
+    weighting.backward(losses, model, torch.amp.GradScaler("cpu", enabled=False), cut)
     assert all(p.grad is not None for p in model.backbone.parameters())
     optimizer.step()
     scheduler.step()

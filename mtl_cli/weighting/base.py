@@ -63,7 +63,7 @@ class Weighting(nn.Module):
             return logs
         own = sum(weights[t] * losses[t].detach() for t in losses) + self.regularizer(losses)
         if isinstance(own, torch.Tensor) and own.requires_grad:  # learned weights get their gradient alone
-            own.backward()
+            scaler.scale(own).backward()
         coefficients = torch.stack([weights[t].detach() for t in losses]).float()
         jacobian = gradients.task_gradients(list(losses.values()), model, cut, "params", scaler)
         jacobian.apply(coefficients @ jacobian.matrix, coefficients)
