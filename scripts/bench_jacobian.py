@@ -6,7 +6,8 @@ training backward (the cost of `ew`), on the embedded data.
 Every way computes the same matrix (checked against the first one before timing). Timed: forward + the
 gradients, median per step over interleaved rounds; printed as ratios to forward + one backward.
 
-  full-loop      T retained backward passes through the whole network (what most research code does)
+  full-loop      T retained backward passes through the whole network (what most research code does); as
+                 L_t depends on head t alone, each pass runs head t and the trunk
   full-batched   one backward with is_grads_batched=True over the stacked losses (vmap over the whole graph)
   torch.func     jacrev of the loss vector over functional_call (forward and T vector-Jacobian products)
   split-loop     mtl: heads once (per-task grads of the features), then T backward passes through the trunk
@@ -40,17 +41,25 @@ def baseline(model, tasks, batch, shared):
     return None
 
 
+def heads_of(model, shared):
+    ids = {id(p) for p in shared}
+    return [p for p in model.parameters() if id(p) not in ids]
+
+
 def full_loop(model, tasks, batch, shared):
-    losses = losses_of(model, tasks, batch)
-    return torch.stack([flat(torch.autograd.grad(loss, shared, retain_graph=i < len(losses) - 1,
-                                                 allow_unused=True), shared) for i, loss in enumerate(losses)])
+    """(Also the heads' gradients of each task, as an update needs them: the same work as the other ways.)"""
+    losses, heads = losses_of(model, tasks, batch), heads_of(model, shared)
+    rows = [torch.autograd.grad(loss, shared + heads, retain_graph=i < len(losses) - 1, allow_unused=True)
+            for i, loss in enumerate(losses)]
+    return torch.stack([flat(row[:len(shared)], shared) for row in rows])
 
 
 def full_batched(model, tasks, batch, shared):
     losses = torch.stack(losses_of(model, tasks, batch))
     eye = torch.eye(len(losses), device=losses.device)
-    grads = torch.autograd.grad(losses, shared, eye, is_grads_batched=True, allow_unused=True)
-    return torch.cat([g.reshape(len(losses), -1) for g in grads], dim=1)
+    grads = torch.autograd.grad(losses, shared + heads_of(model, shared), eye, is_grads_batched=True,
+                                allow_unused=True)
+    return torch.cat([g.reshape(len(losses), -1) for g in grads[:len(shared)]], dim=1)
 
 
 def func_jacrev(original, tasks, batch, shared):
@@ -99,7 +108,9 @@ def main() -> None:
     model = build_model(cfg, tasks).to(device).train()
     shared = list(model.shared_parameters())
 
-    reference = full_loop(model, tasks, batches[0], shared)
+    outputs = model(batches[0]["image"])
+    reference = torch.stack([flat(torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), shared)
+                             for loss in losses_of(model, tasks, batches[0], outputs)])
     ways = {"ew (forward + 1 backward)": baseline}
     for name, way in WAYS.items():
         try:

@@ -77,9 +77,12 @@ def main() -> None:
                 cfg = compose("train", overrides=[f"tasks=[{','.join(TASK_SETS[count])}]", f"weighting={method}",
                                                   "logger.log_every=1000000", *args.overrides])
             probe = build_weighting(cfg, tasks)
-            targets = getattr(probe, "grad_targets", (None,)) if isinstance(probe, GradientWeighting) else (None,)
+            targets = (None,)
+            if isinstance(probe, GradientWeighting):
+                targets = probe.grad_targets if "grad_target" in cfg.weighting else (probe.grad_target,)
             for target in targets:
-                run_cfg = cfg if target is None else OmegaConf.merge(cfg, {"weighting": {"grad_target": target}})
+                run_cfg = cfg if target is None or "grad_target" not in cfg.weighting else OmegaConf.merge(
+                    cfg, {"weighting": {"grad_target": target}})
                 model = copy.deepcopy(model0)
                 weighting = build_weighting(run_cfg, tasks)
                 runs[(method, target)] = (run_cfg, model, weighting, build_optimizer(run_cfg, model, weighting))

@@ -92,13 +92,12 @@ def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, cut: Featur
         if target == "representation":
             raise UserError(f"grad_target=representation needs a model with a shared representation "
                             f"(encode/decode); {type(model).__name__} has none: use grad_target=params")
-        rows, head_grads = [], []
+        matrix, head_grads = rows_for(count, shared_params), []
         for i, loss in enumerate(scaled):
             grads = torch.autograd.grad(loss, shared_params + heads, retain_graph=i < count - 1, allow_unused=True)
-            rows.append(flat(grads[:len(shared_params)], shared_params))
+            flat(grads[:len(shared_params)], shared_params, out=matrix[i])
             head_grads.append(grads[len(shared_params):])
-        return TaskJacobian(torch.stack(rows).float() / scale, shared_params, heads, head_grads, None, "params",
-                            scale)
+        return TaskJacobian(unscale(matrix, scale), shared_params, heads, head_grads, None, "params", scale)
 
     features, leaves = cut.features, cut.inputs
     feature_grads, head_grads = [], []
@@ -107,8 +106,10 @@ def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, cut: Featur
         feature_grads.append([torch.zeros_like(f) if g is None else g for f, g in zip(features, grads)])
         head_grads.append(grads[len(features):])
     if target == "representation":
-        matrix = torch.stack([flat(g, features) for g in feature_grads]).float() / scale
-        return TaskJacobian(matrix, features, heads, head_grads, features, target, scale)
+        matrix = rows_for(count, features)
+        for row, grads in zip(matrix, feature_grads):
+            flat(grads, features, out=row)
+        return TaskJacobian(unscale(matrix, scale), features, heads, head_grads, features, target, scale)
 
     if backend == "batched":
         stacked = [torch.stack([g[k] for g in feature_grads]) for k in range(len(features))]
@@ -116,15 +117,36 @@ def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, cut: Featur
         matrix = torch.cat([torch.zeros(count, p.numel(), device=p.device) if g is None else g.reshape(count, -1)
                             for g, p in zip(grads, shared_params)], dim=1)
     else:
-        matrix = torch.stack([flat(torch.autograd.grad(features, shared_params, g, retain_graph=i < count - 1,
-                                                       allow_unused=True), shared_params)
-                              for i, g in enumerate(feature_grads)])
-    return TaskJacobian(matrix.float() / scale, shared_params, heads, head_grads, None, "params", scale)
+        matrix = rows_for(count, shared_params)
+        for i, grads in enumerate(feature_grads):
+            flat(torch.autograd.grad(features, shared_params, grads, retain_graph=i < count - 1, allow_unused=True),
+                 shared_params, out=matrix[i])
+    return TaskJacobian(unscale(matrix, scale), shared_params, heads, head_grads, None, "params", scale)
 
 
-def flat(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One vector from a list of gradients (zeros where a tensor got none)."""
-    return torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1).float() for g, t in zip(grads, like)])
+def rows_for(count: int, like: Sequence[torch.Tensor]) -> torch.Tensor:
+    """An empty float32 matrix with one row per task and one column per element of `like`."""
+    return torch.empty(count, sum(t.numel() for t in like), device=like[0].device)
+
+
+def flat(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], out: torch.Tensor | None = None
+         ) -> torch.Tensor:
+    """One float32 vector from a list of gradients (zeros where a tensor got none), written into `out` if given
+    (a row of the matrix: one copy of the gradients, not two)."""
+    parts = [(torch.zeros_like(t) if g is None else g).reshape(-1) for g, t in zip(grads, like)]
+    if out is None:
+        return torch.cat(parts).float()
+    if all(part.dtype == out.dtype for part in parts):
+        return torch.cat(parts, out=out)
+    start = 0
+    for part in parts:
+        out[start:start + part.numel()].copy_(part)
+        start += part.numel()
+    return out
+
+
+def unscale(matrix: torch.Tensor, scale: float) -> torch.Tensor:
+    return matrix.div_(scale) if scale != 1.0 else matrix
 
 
 def accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
