@@ -69,10 +69,11 @@ class TaskJacobian:
         else:
             for param, piece in zip(self.shared, pieces):
                 accumulate(param, piece.view_as(param).to(param.dtype))
+        weights = head_weights.tolist()  # T numbers: one small copy instead of a multiply per parameter and task
         for k, param in enumerate(self.heads):
-            parts = [w * grads[k] for w, grads in zip(head_weights, self.head_grads) if grads[k] is not None]
-            if parts:
-                accumulate(param, torch.stack(parts).sum(0).to(param.dtype))
+            parts = [g[k] if w == 1.0 else w * g[k] for w, g in zip(weights, self.head_grads) if g[k] is not None]
+            if parts:  # usually one: a head's parameters serve one task
+                accumulate(param, (parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)).to(param.dtype))
 
 
 def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, cut: FeatureCut | None, target: str,
