@@ -14,7 +14,7 @@ heads plus T backward passes through the trunk alone:
    `representation`: the rows are the dL_t/dfeatures themselves and the trunk runs once, in `apply`.
 
 `scripts/bench_jacobian.py` measures this against T full backward passes, `is_grads_batched` and torch.func;
-the trunk passes are looped (`backend="loop"`) because that was the fastest (figures in the README).
+the trunk passes are looped (`backend="loop"`): batching them with vmap was no faster (figures in the README).
 """
 
 from __future__ import annotations
