@@ -76,7 +76,7 @@ def test_rows_are_each_tasks_exact_gradient_of_the_shared_parameters(setup, back
 
 def test_the_cut_keeps_nested_feature_maps_from_counting_twice(setup):
     """The default backbone's feature maps feed one another; trunk gradients from the cut equal the uncut ones."""
-    _, tasks, model, batch = setup
+    _, _, model, batch = setup
     features = model.encode(batch["image"])
     assert features[1].grad_fn is not None and len(features) > 1
     test_rows_are_each_tasks_exact_gradient_of_the_shared_parameters(setup, "loop")

@@ -4,16 +4,15 @@ stateful ones."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import get_class
 from omegaconf import OmegaConf
+from test_cli import TASKS, TINY, mtl, run_dirs, scalar_tags
 
 from mtl_cli.paths import config_dir
 from mtl_cli.weighting.base import GradientWeighting
-from test_cli import TASKS, TINY, mtl, run_dirs, scalar_tags
 
 OPTIONS = sorted(p.stem for p in (config_dir() / "weighting").glob("*.yaml"))
 STEPS = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "logger.log_every=1"]
