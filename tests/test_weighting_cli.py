@@ -68,3 +68,13 @@ def test_an_option_the_method_does_not_allow_is_one_clear_error(tmp_path, overri
     result = mtl("train", "weighting=pcgrad", override, *TINY, cwd=tmp_path, check=False)
     assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("*.pt"))
+
+
+@pytest.mark.parametrize("target", ["params", "representation"])
+def test_a_gradient_method_trains_under_bf16_autocast(tmp_path, target):
+    """The rows of G are float32 whatever the autocast dtype of the features; the update goes back in theirs."""
+    mtl("train", "weighting=pcgrad", f"weighting.grad_target={target}", "trainer.precision=bf16", *TINY, *STEPS,
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]
+    assert all(value == value for value in final["loss"].values())  # no NaN
+    assert {"grad/cos/segmentation-depth", "train/weight/count"} <= scalar_tags(tmp_path / "run")
