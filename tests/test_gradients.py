@@ -202,3 +202,27 @@ def test_a_solver_failure_warns_once_and_is_counted(caplog):
     assert int(type(method)(["a", "b"], {}).solver_failures) == 0
     state = method.state_dict()
     assert int(state["solver_failures"]) == 3
+
+
+def test_frozen_stages_are_left_out_and_a_fully_frozen_trunk_is_a_clear_error(setup):
+    _, tasks, model, batch = setup
+    backbone = list(model.backbone.parameters())
+    try:
+        for param in backbone[:len(backbone) // 2]:
+            param.requires_grad_(False)
+        cut, losses = cut_forward(model, tasks, batch)
+        jacobian = task_gradients(list(losses.values()), model, cut, "params")
+        trainable = [p for p in model.shared_parameters() if p.requires_grad]
+        outputs = model(batch["image"])
+        loss = tasks["depth"].loss(outputs["depth"], batch["depth"])
+        expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, trainable)])
+        assert close(jacobian.matrix[list(tasks).index("depth")], expected)
+        for param in backbone:
+            param.requires_grad_(False)
+        cut, losses = cut_forward(model, tasks, batch)
+        with pytest.raises(UserError, match="every shared parameter is frozen"):
+            task_gradients(list(losses.values()), model, cut, "params")
+        assert task_gradients(list(losses.values()), model, cut, "representation").matrix.shape[0] == len(tasks)
+    finally:
+        for param in backbone:
+            param.requires_grad_(True)

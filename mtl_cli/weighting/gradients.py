@@ -34,7 +34,7 @@ class FeatureCut:
     def __init__(self, features):
         self.is_list = isinstance(features, (list, tuple))
         self.features = list(features) if self.is_list else [features]
-        self.inputs = [f.detach().requires_grad_(f.requires_grad) for f in self.features]
+        self.inputs = [f.detach().requires_grad_() for f in self.features]  # also under a frozen trunk
 
     @property
     def leaves(self):
@@ -65,7 +65,9 @@ class TaskJacobian:
         update = update * self.scale if self.scale != 1.0 else update
         pieces = update.split([t.numel() for t in self.shared])
         if self.target == "representation":
-            torch.autograd.backward(self.features, [p.view_as(f).to(f.dtype) for p, f in zip(pieces, self.features)])
+            pairs = [(f, p.view_as(f).to(f.dtype)) for p, f in zip(pieces, self.features) if f.requires_grad]
+            if pairs:  # (none under a frozen trunk)
+                torch.autograd.backward([f for f, _ in pairs], [g for _, g in pairs])
         else:
             for param, piece in zip(self.shared, pieces):
                 accumulate(param, piece.view_as(param).to(param.dtype))
@@ -85,6 +87,9 @@ def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, cut: Featur
     scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
     scaled = [loss * scale for loss in losses] if scale != 1.0 else list(losses)
     shared_params = [p for p in getattr(model, "shared_parameters", model.parameters)() if p.requires_grad]
+    if not shared_params and target == "params":
+        raise UserError("every shared parameter is frozen, so grad_target=params has no gradients to balance; use "
+                        "grad_target=representation (conflicts at the shared features) or a loss-based weighting")
     ids = {id(p) for p in shared_params}
     heads = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     count = len(scaled)
@@ -112,6 +117,8 @@ def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, cut: Featur
             flat(grads, features, out=row)
         return TaskJacobian(unscale(matrix, scale), features, heads, head_grads, features, target, scale)
 
+    live = [k for k, f in enumerate(features) if f.requires_grad]  # maps of frozen stages carry no gradient
+    features, feature_grads = [features[k] for k in live], [[g[k] for k in live] for g in feature_grads]
     if backend == "batched":
         stacked = [torch.stack([g[k] for g in feature_grads]) for k in range(len(features))]
         grads = torch.autograd.grad(features, shared_params, stacked, is_grads_batched=True, allow_unused=True)
