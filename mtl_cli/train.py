@@ -145,6 +145,8 @@ def train_epoch(model: nn.Module, tasks: dict[str, Task], weighting: Weighting, 
         optimizer.zero_grad(set_to_none=True)
         logged = (step + 1) % logger.log_every == 0
         logs = weighting.backward(losses, model, scaler, cut, log_grads=logged, measure=logged and conflicts)
+        losses = {name: loss.detach() for name, loss in losses.items()}
+        del outputs, cut  # the step's graph goes now, not after the next forward
         if grad_clip is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], float(grad_clip))

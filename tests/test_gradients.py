@@ -226,3 +226,23 @@ def test_frozen_stages_are_left_out_and_a_fully_frozen_trunk_is_a_clear_error(se
     finally:
         for param in backbone:
             param.requires_grad_(True)
+
+
+def test_the_gradscaler_steps_after_a_gradient_method_and_skips_an_overflow(setup):
+    _, tasks, model, batch = setup
+    weights = {"segmentation": 0.5, "depth": 2.0, "normals": 1.0, "count": 0.25}
+    method, scaler = Fixed(list(tasks), weights), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for overflow in (False, True):
+        before = [p.detach().clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        cut, losses = cut_forward(model, tasks, batch)
+        if overflow:
+            losses["depth"] = losses["depth"] * float("inf")
+        method.backward(losses, model, scaler, cut)
+        scaler.step(optimizer)
+        scaler.update()
+        changed = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert changed != overflow
+    assert scaler.get_scale() == 512.0
+    assert method.last_weights.tolist() == list(weights.values())  # an overflow step does not overwrite them

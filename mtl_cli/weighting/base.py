@@ -147,7 +147,7 @@ class GradientWeighting(Weighting):
             update, weights = self.combine(jacobian.matrix, values, index)
             weights = weights.detach().float()
         else:  # an fp16 overflow: hand the non-finite sum on, so that the GradScaler skips this step
-            update, weights = jacobian.matrix.sum(0), torch.ones(len(names), device=values.device)
+            update, weights = jacobian.matrix.sum(0), self.last_weights[index].float()
         jacobian.apply(update, self.head_weights(weights, values).to(update.dtype))
         if self.loss_weights:
             self.last_weights[index] = weights.to(self.last_weights)

@@ -84,8 +84,10 @@ def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, cut: Featur
     (`representation`), as rows of a matrix. `cut`: the features `model.encode` returned, cut from the heads'
     graph, or None for a model without that split (then every task runs a full backward). `backend`: how the
     trunk passes run, `loop` (one retained backward each) or `batched` (`is_grads_batched`, vmap)."""
-    scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-    scaled = [loss * scale for loss in losses] if scale != 1.0 else list(losses)
+    if scaler is not None and scaler.is_enabled():  # scaler.scale (not a plain product): it arms scaler.step
+        scaled, scale = [scaler.scale(loss) for loss in losses], float(scaler.get_scale())
+    else:
+        scaled, scale = list(losses), 1.0
     shared_params = [p for p in getattr(model, "shared_parameters", model.parameters)() if p.requires_grad]
     if not shared_params and target == "params":
         raise UserError("every shared parameter is frozen, so grad_target=params has no gradients to balance; use "
