@@ -105,6 +105,7 @@ class GradientWeighting(Weighting):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("solver_failures", torch.zeros((), dtype=torch.long))
         self._warned = False
+        self.loss_scale = 1.0  # the step's GradScaler scale, for methods that write their own parameters' .grad
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor, index: list[int]) -> torch.Tensor:
         """The coefficient of each row of `grads` [T', P] in the update; `losses` [T'] are the detached task
@@ -143,6 +144,7 @@ class GradientWeighting(Weighting):
             return super().backward(losses, model, scaler, cut, log_grads, measure)
         jacobian = gradients.task_gradients(list(losses.values()), model, cut, self.grad_target, scaler)
         values = torch.stack([losses[t].detach().float() for t in names])
+        self.loss_scale = jacobian.scale
         if jacobian.finite():
             update, weights = self.combine(jacobian.matrix, values, index)
             weights = weights.detach().float()

@@ -29,12 +29,6 @@ class GradNorm(GradientWeighting):
         self.alpha = alpha
         self.logits = nn.Parameter(torch.zeros(len(self.tasks)))
         self.register_buffer("initial_losses", torch.full((len(self.tasks),), torch.nan))
-        self._loss_scale = 1.0
-
-    def backward(self, losses, model, scaler, *args, **kwargs):
-        # theta.grad is unscaled by the GradScaler with every other gradient, so it must carry the loss scale too
-        self._loss_scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
-        return super().backward(losses, model, scaler, *args, **kwargs)
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor, index: list[int]) -> torch.Tensor:
         first = self.initial_losses[index]
@@ -48,6 +42,6 @@ class GradNorm(GradientWeighting):
             weighted = weights * norms
             gap = (weighted - weighted.mean().detach() * target_rate).abs().sum()
             (grad,) = torch.autograd.grad(gap, self.logits)
-        grad = grad * self._loss_scale
+        grad = grad * self.loss_scale  # the GradScaler unscales theta.grad with every other gradient
         self.logits.grad = grad if self.logits.grad is None else self.logits.grad + grad
         return weights.detach()
