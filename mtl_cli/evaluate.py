@@ -53,17 +53,19 @@ def evaluate(model: nn.Module, tasks: dict[str, Task], batches: Iterable[dict], 
         with autocast(precision, device):
             outputs = model(batch["image"])
         for name, task in tasks.items():
-            if task.target not in batch:
+            if not task.has_target(batch):
                 continue
-            output, target = outputs[name].float(), batch[task.target]
-            n = len(target)
+            output, target = outputs[name], task.target_of(batch)
+            output = output.float() if isinstance(output, torch.Tensor) else output
+            n = len(batch["image"])
             loss_sum[name] += float(task.loss(output, target)) * n
             count[name] += n
             task.update_metrics(output, target)
         if examples is None and keep_examples:
             examples = {"image": batch["image"][:keep_examples],
-                        "outputs": {k: v[:keep_examples].float() for k, v in outputs.items()},
-                        "targets": {t.name: batch[t.target][:keep_examples] for t in tasks.values() if t.target in batch}}
+                        "outputs": {k: v[:keep_examples].float() for k, v in outputs.items() if tasks[k].visualize},
+                        "targets": {t.name: batch[t.target][:keep_examples] for t in tasks.values()
+                                    if t.visualize and t.has_target(batch)}}
     losses = {name: loss_sum[name] / count[name] for name in tasks if count[name]}
     losses["total"] = sum(losses.values())
     metrics = {name: task.compute_metrics() for name, task in tasks.items() if count[name]}

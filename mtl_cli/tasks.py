@@ -14,6 +14,8 @@ from mtl_cli.errors import UserError
 class Task:
     """Everything the loop needs to know about one task.
 
+    target:    the batch key of the target, or a mapping name -> batch key for a target made of several entries
+               (detection: {boxes: boxes, labels: labels}); the loss and metrics then get a dict of them.
     head:      builds the task's head from the backbone's channels and strides (a partial from the config).
     loss:      loss(output, target) -> scalar.
     metrics:   name -> torchmetrics Metric, fed decode(output) and the target; each returns a scalar or a dict of
@@ -23,13 +25,28 @@ class Task:
     num_classes, ignore_index: the class facts, used to check the data's targets on the first batch.
     """
 
-    def __init__(self, name: str, target: str, head: Callable[..., nn.Module], loss: nn.Module,
+    def __init__(self, name: str, target: str | Mapping[str, str], head: Callable[..., nn.Module], loss: nn.Module,
                  metrics: Mapping[str, Metric], decode: Callable | None = None, visualize: Callable | None = None,
                  num_classes: int | None = None, ignore_index: int | None = None):
-        self.name, self.target, self.head, self.loss = name, target, head, loss
+        self.name, self.head, self.loss = name, head, loss
+        self.target = target if isinstance(target, str) else dict(target)
         self.metrics = nn.ModuleDict(dict(metrics))
         self.decode, self.visualize = decode, visualize
         self.num_classes, self.ignore_index = num_classes, ignore_index
+
+    @property
+    def keys(self) -> list[str]:
+        """The batch keys the target is read from."""
+        return [self.target] if isinstance(self.target, str) else list(self.target.values())
+
+    def has_target(self, batch: Mapping) -> bool:
+        return all(key in batch for key in self.keys)
+
+    def target_of(self, batch: Mapping):
+        """The task's target in `batch`: one entry, or a dict of entries for a several-part target."""
+        if isinstance(self.target, str):
+            return batch[self.target]
+        return {name: batch[key] for name, key in self.target.items()}
 
     def to(self, device: torch.device) -> Task:
         self.metrics.to(device)
@@ -63,7 +80,7 @@ class Task:
 
     def check_targets(self, batch: Mapping[str, torch.Tensor]) -> None:
         """Fails with a clear message when the data's labels do not fit the task's class count."""
-        target = batch[self.target]
+        target = batch[self.keys[-1]]  # the labels (last) of a several-part target
         if self.num_classes is None or not isinstance(target, torch.Tensor) or target.is_floating_point():
             return
         labels = target[target != self.ignore_index] if self.ignore_index is not None else target

@@ -140,8 +140,8 @@ def train_epoch(model: nn.Module, tasks: dict[str, Task], weighting: Weighting, 
         with autocast(cfg.trainer.precision, device):
             cut = FeatureCut(model.encode(batch["image"]))  # heads read leaf copies: see weighting/gradients.py
             outputs = model.decode(cut.leaves, batch["image"].shape[-2:])
-            losses = {name: task.loss(outputs[name], batch[task.target])
-                      for name, task in tasks.items() if task.target in batch}
+            losses = {name: task.loss(outputs[name], task.target_of(batch))
+                      for name, task in tasks.items() if task.has_target(batch)}
         optimizer.zero_grad(set_to_none=True)
         logged = (step + 1) % logger.log_every == 0
         logs = weighting.backward(losses, model, scaler, cut, log_grads=logged, measure=logged and conflicts)
@@ -218,9 +218,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def check_batch(tasks: dict[str, Task], batch: dict) -> None:
     """On the first batch: every task's target is in the data, and its labels fit the task's class count."""
     for task in tasks.values():
-        if task.target not in batch:
+        if not task.has_target(batch):
             keys = ", ".join(k for k in batch if k != "image")
-            raise UserError(f"task {task.name!r} reads the target {task.target!r}, which the data does not provide "
+            missing = [k for k in task.keys if k not in batch]
+            raise UserError(f"task {task.name!r} reads the target {', '.join(missing)!r}, which the data does not provide "
                             f"(its batches hold: {keys})")
         task.check_targets(batch)
 
