@@ -1,7 +1,9 @@
 """Losses that torch does not provide directly.
 
 Conventions: dense predictions and targets are ``[B, C, H, W]``; depth uses ``0`` (``invalid_value``) for
-missing pixels; surface normals use an all-zero target vector for missing pixels.  Each loss is the mean over
+missing pixels; surface normals use an all-zero target vector for missing pixels; landmarks mark a missing
+sample with NaN coordinates; attributes mark an unknown entry with ``-1``; identities mark a missing label with
+``ignore_index``.  Each loss is the mean over
 the *valid* elements of the batch; a batch with no valid element gives a zero that still carries the graph
 (``pred.sum() * 0``), never NaN.  Cross-entropy (with ``ignore_index``) and BCE-with-logits are used straight
 from ``torch.nn``.
@@ -12,6 +14,11 @@ configured with the wrong number of output channels.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtl_cli.errors import UserError
@@ -90,3 +97,86 @@ class ScalarL1Loss(nn.Module):
         if target.numel() == 0:
             return pred.sum() * 0
         return (pred.reshape(target.shape) - target.to(pred.dtype)).abs().mean()
+
+
+class LandmarkLoss(nn.Module):
+    """Smooth L1 (or L1) between predicted and target points ``[B, K, 2]``, the mean over the coordinates of the
+    labelled samples.
+
+    A sample is unlabelled when any of its target coordinates is not finite (a dataset fills a missing sample's
+    points with NaN; negative coordinates are valid, points may lie outside the image); it is skipped.
+    ``beta`` is where smooth L1 turns from quadratic to linear, in the target's units: on normalised coordinates
+    the default 0.01 is 1% of the image, so the loss is L1 for all but nearly right points.
+    """
+
+    def __init__(self, kind: str = "smooth_l1", beta: float = 0.01) -> None:
+        super().__init__()
+        if kind not in ("smooth_l1", "l1") or not beta > 0:
+            raise UserError(f"LandmarkLoss: kind must be smooth_l1 or l1 and beta > 0, got kind={kind!r}, beta={beta}")
+        self.kind, self.beta = kind, beta
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        _check_same_shape("landmark", pred, target)
+        target = target.to(pred.dtype)
+        labelled = target.isfinite().flatten(1).all(1)[:, None, None].expand_as(target)
+        target = torch.where(labelled, target, pred.detach())  # no NaN reaches the arithmetic, even times 0
+        if self.kind == "l1":
+            err = (pred - target).abs()
+        else:
+            err = F.smooth_l1_loss(pred, target, reduction="none", beta=self.beta)
+        return _masked_mean(err, labelled, pred)
+
+
+class MaskedBCEWithLogitsLoss(nn.Module):
+    """Binary cross-entropy with logits over the entries whose target is not ``ignore_value`` (many binary
+    attributes per image: ``[B, A]`` logits, targets 0 = absent, 1 = present, -1 = unknown by default)."""
+
+    def __init__(self, ignore_value: float = -1) -> None:
+        super().__init__()
+        self.ignore_value = ignore_value
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        _check_same_shape("attribute", pred, target)
+        known = target != self.ignore_value
+        target = torch.where(known, target, 0).to(pred.dtype)
+        return _masked_mean(F.binary_cross_entropy_with_logits(pred, target, reduction="none"), known, pred)
+
+
+class ArcFaceLoss(nn.Module):
+    """Additive angular margin softmax (ArcFace, Deng et al., CVPR 2019) over the cosines of an EmbeddingHead.
+
+    With ``theta`` the angle between an embedding and its class centre, the target class's logit becomes
+    ``s * cos(theta + m)`` and every other class's stays ``s * cos(theta_j)``; then cross-entropy, the mean over
+    the samples whose label is not ``ignore_index``. Beyond ``theta = pi - m``, ``cos(theta + m)`` would grow
+    again with ``theta``, rewarding a worse embedding; there the paper's code uses ``cos(theta) - m sin(m)``
+    instead, which keeps decreasing. With ``easy_margin`` the margin applies only where ``cos(theta) > 0``.
+
+    ``pred``: the head's dict (its ``"cosine"`` ``[B, C]`` is used) or the cosines themselves; ``target``: int
+    ``[B]`` class indices. Computed in float32 whatever the autocast precision.
+    """
+
+    def __init__(self, scale: float = 30.0, margin: float = 0.5, easy_margin: bool = False,
+                 ignore_index: int = -1) -> None:
+        super().__init__()
+        if not scale > 0 or not 0 <= margin < math.pi / 2:
+            raise UserError(f"ArcFaceLoss: need scale > 0 and 0 <= margin < pi/2 (radians), got scale={scale}, "
+                            f"margin={margin}")
+        self.scale, self.margin, self.easy_margin, self.ignore_index = scale, margin, easy_margin, ignore_index
+
+    def forward(self, pred: Tensor | Mapping[str, Tensor], target: Tensor) -> Tensor:
+        cosine = (pred["cosine"] if isinstance(pred, Mapping) else pred).float().clamp(-1, 1)
+        if cosine.dim() != 2 or target.shape != cosine.shape[:1]:
+            raise UserError(f"identity cosines have shape {list(cosine.shape)} and labels {list(target.shape)}; "
+                            "expected [B, num_classes] and [B]")
+        labelled = target != self.ignore_index
+        label = torch.where(labelled, target, 0).long()[:, None]
+        cos_t = cosine.gather(1, label)
+        sin_t = (1 - cos_t * cos_t).clamp_min(1e-7).sqrt()  # the clamp keeps sqrt's gradient finite at |cos| = 1
+        m = self.margin
+        with_margin = cos_t * math.cos(m) - sin_t * math.sin(m)  # cos(theta + m)
+        if self.easy_margin:
+            target_logit = torch.where(cos_t > 0, with_margin, cos_t)
+        else:
+            target_logit = torch.where(cos_t > math.cos(math.pi - m), with_margin, cos_t - m * math.sin(m))
+        logits = cosine.scatter(1, label, target_logit) * self.scale
+        return _masked_mean(F.cross_entropy(logits, label[:, 0], reduction="none"), labelled, cosine)

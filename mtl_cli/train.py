@@ -24,6 +24,7 @@ from mtl_cli.engine.progress import EpochProgress
 from mtl_cli.engine.report import metrics_table
 from mtl_cli.errors import UserError, reports_user_errors
 from mtl_cli.evaluate import evaluate, flatten, limited, to_device
+from mtl_cli.models.summary import summarize, summary_markdown, summary_table
 from mtl_cli.paths import config_dir
 from mtl_cli.runtime import autocast, config_from_checkpoint, pick_device, seed_everything
 from mtl_cli.tasks import Task
@@ -77,7 +78,12 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
     logger: Logger = call(instantiate(cfg.logger, "logger"), "logger", run_dir=run_dir)
     logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
     log.info(f"run dir: {run_dir}\ndevice: {device}, tasks: {', '.join(tasks)}, weighting: "
-             f"{type(weighting).__name__}, parameters: {sum(p.numel() for p in model.parameters()):,}")
+             f"{type(weighting).__name__}")
+    size = tuple(train_loader.dataset[0]["image"].shape[-2:])
+    title = f"model: {type(model).__name__}, {cfg.backbone.get('name', 'small_cnn')}, {size[0]}x{size[1]} input"
+    rows = summarize(model, size)
+    log.info(summary_table(rows, title))
+    logger.text("model", summary_markdown(rows, title))
 
     # 3. The epochs: train, validate, keep the best and the last checkpoint.
     max_epochs, max_steps = int(cfg.trainer.max_epochs), cfg.trainer.max_steps

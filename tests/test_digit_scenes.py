@@ -14,7 +14,8 @@ from mtl_cli.data import digit_scenes
 from mtl_cli.data.digit_scenes import DigitScenes, digit_indices, generate_scene, scenes_per_second
 from mtl_cli.errors import UserError
 
-KEYS = {"image", "segmentation", "depth", "normals", "classification", "multilabel", "count", "boxes", "labels"}
+KEYS = {"image", "segmentation", "depth", "normals", "classification", "landmarks", "multilabel", "count", "boxes",
+        "labels"}
 N_DIGITS = 1797
 FLOOR_FAR = 15.0
 
@@ -150,6 +151,8 @@ def test_sample_dtypes_shapes_and_ranges(scenes):
         assert x["normals"].dtype == torch.float32 and x["normals"].shape == (3, size, size)
         assert x["classification"].dtype == torch.int64 and x["classification"].shape == ()
         assert 0 <= x["classification"] <= 9
+        assert x["landmarks"].dtype == torch.float32 and x["landmarks"].shape == (4, 2)
+        assert 0 <= x["landmarks"].min() and x["landmarks"].max() <= 1
         assert x["multilabel"].dtype == torch.float32 and x["multilabel"].shape == (10,)
         assert set(x["multilabel"].unique().tolist()) <= {0.0, 1.0}
         assert x["count"].dtype == torch.int64 and x["count"].shape == ()
@@ -163,6 +166,7 @@ def test_sample_dtypes_shapes_and_ranges(scenes):
         assert np.array_equal(x["image"].numpy(), s["image"]) and np.array_equal(x["labels"].numpy(), s["labels"])
         assert np.array_equal(x["segmentation"].numpy(), s["segmentation"])
         assert np.array_equal(x["normals"].numpy(), s["normals"])
+        assert np.array_equal(x["landmarks"].numpy(), s["landmarks"])
 
 
 def test_omegaconf_scenes_mapping_is_accepted():
@@ -219,6 +223,19 @@ def test_classification_multilabel_and_count_agree_with_segmentation_and_depth(s
         on_digit = np.flatnonzero(seg > 0)
         nearest = on_digit[np.argmin(depth.ravel()[on_digit])]
         assert s["classification"] == seg.ravel()[nearest] - 1
+
+
+def test_landmarks_are_the_normalised_box_corners_of_the_nearest_digit(scenes):
+    for ds, _, s in scenes:
+        size, inst, depth = ds.image_size, s["instances"], s["depth"][0]
+        on_digit = np.flatnonzero(inst >= 0)
+        k = inst.ravel()[on_digit[np.argmin(depth.ravel()[on_digit])]]  # the digit of the nearest visible pixel
+        assert s["labels"][k] == s["classification"]
+        rows, cols = np.nonzero(inst == k)
+        left, right = cols.min() / size, (cols.max() + 1) / size
+        top, bottom = rows.min() / size, (rows.max() + 1) / size
+        expected = [[left, top], [right, top], [right, bottom], [left, bottom]]  # TL, TR, BR, BL as (x, y)
+        assert np.allclose(s["landmarks"], expected, atol=1e-6)
 
 
 def test_digits_are_rarely_hidden_and_every_scene_has_one():
@@ -314,7 +331,7 @@ def test_scene_i_comes_from_its_own_rng_alone():
         expected = generate_scene(rng, 32, n_digits, images[pool], labels[pool])
         got = ds.scene(i)
         assert np.array_equal(pool[expected["sources"]], got["sources"])
-        for key in ("image", "depth", "normals", "segmentation", "boxes", "labels"):
+        for key in ("image", "depth", "normals", "segmentation", "boxes", "labels", "landmarks"):
             assert np.array_equal(expected[key], got[key]), key
 
 

@@ -21,6 +21,9 @@ Invalid pixels are the sky: rays that hit no card and miss the floor, which ends
 
 Targets: segmentation 0 = background (floor and sky), 1..10 = digits 0..9; boxes are XYXY pixel coordinates,
 (x1, y1) the first pixel, (x2, y2) the last pixel + 1, one per visible digit, from its visible pixels.
+The nearest digit (smallest visible depth) is the one that ``classification`` names; ``landmarks`` are the four
+corners of its box, top-left, top-right, bottom-right, bottom-left, as (x, y) divided by the image width and
+height: in [0, 1], (0, 0) the top-left corner of the image and (1, 1) its bottom-right corner.
 """
 
 from __future__ import annotations
@@ -169,6 +172,12 @@ def _expand_normals(surface: np.ndarray, surface_normals: np.ndarray) -> np.ndar
     return np.take(surface_normals.T, surface, axis=1)
 
 
+def _box_corners(box: np.ndarray, size: int) -> np.ndarray:
+    """The corners of an XYXY pixel box as normalised (x, y): top-left, top-right, bottom-right, bottom-left."""
+    x1, y1, x2, y2 = box
+    return (np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]]) / size).astype(np.float32)
+
+
 def generate_scene(
     rng: np.random.Generator,
     image_size: int,
@@ -190,7 +199,8 @@ def generate_scene(
     ``boxes`` float32 [N,4] XYXY; ``labels`` int64 [N]; ``sources`` int64 [N] (indices into the pool);
     ``cards`` float64 [N,4]: (x, distance, height, yaw) of each card, whose bottom centre stands at world
     (x, 0, -distance), square, turned by yaw (radians) about the vertical;
-    ``classification`` int64 (class of the digit with the smallest visible depth); ``multilabel`` float32 [10];
+    ``classification`` int64 (class of the digit with the smallest visible depth); ``landmarks`` float32 [4,2]
+    (the corners of that digit's box, normalised: see the module docstring); ``multilabel`` float32 [10];
     ``count`` int64; camera parameters ``camera_height`` (m), ``camera_pitch`` (radians, down) and
     ``focal_length`` (pixels), float64 scalars.
     """
@@ -303,6 +313,7 @@ def generate_scene(
         "sources": np.array(sources, dtype=np.int64),
         "cards": np.array(cards, dtype=np.float64).reshape(n, 4),
         "classification": np.int64(labels_arr[nearest.argmin()]),
+        "landmarks": _box_corners(boxes[nearest.argmin()], size),
         "multilabel": multilabel,
         "count": np.int64(n),
         "camera_height": np.float64(h),
@@ -334,7 +345,7 @@ def _int_param(name: str, value, low: int, high: int | None = None) -> int:
 
 
 class DigitScenes(Dataset):
-    """Scenes of real handwritten digits standing on a floor, with targets for seven tasks.
+    """Scenes of real handwritten digits standing on a floor, with targets for many tasks at once.
 
     Scene ``i`` of a split is generated from ``np.random.default_rng([seed, split_id, i])`` alone, from the
     source digits of that split only (see :func:`digit_indices`). With ``cache`` a scene is kept in memory the
@@ -343,8 +354,9 @@ class DigitScenes(Dataset):
     Each sample is a dict of tensors: ``image`` float32 [3,H,W] in [0,1]; ``segmentation`` int64 [H,W]
     (0 background, 1..10 digits 0..9); ``depth`` float32 [1,H,W] (metres along the optical axis, 0 = invalid);
     ``normals`` float32 [3,H,W] (camera frame, all-zero = invalid); ``classification`` int64 scalar (class of the
-    nearest visible digit); ``multilabel`` float32 [10]; ``count`` int64 scalar; ``boxes`` BoundingBoxes [N,4]
-    XYXY; ``labels`` int64 [N].
+    nearest visible digit); ``landmarks`` float32 [4,2] (the (x, y) corners of that digit's box, top-left,
+    top-right, bottom-right, bottom-left, divided by the image size: in [0, 1]); ``multilabel`` float32 [10];
+    ``count`` int64 scalar; ``boxes`` BoundingBoxes [N,4] XYXY; ``labels`` int64 [N].
     """
 
     num_classes = NUM_CLASSES
@@ -413,6 +425,7 @@ class DigitScenes(Dataset):
             "depth": torch.from_numpy(s["depth"].copy()),
             "normals": torch.from_numpy(s["normals"]),
             "classification": torch.tensor(int(s["classification"]), dtype=torch.int64),
+            "landmarks": torch.from_numpy(s["landmarks"].copy()),
             "multilabel": torch.from_numpy(s["multilabel"].copy()),
             "count": torch.tensor(int(s["count"]), dtype=torch.int64),
             "boxes": tv_tensors.BoundingBoxes(

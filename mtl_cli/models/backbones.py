@@ -1,84 +1,178 @@
-"""Backbones: a network tapped at several stages, returning a list of feature maps from fine to coarse.
+"""Backbones: a network cut into stages that run one after the other, returning the maps of chosen stages.
 
-torchvision models are taken with `get_model` and tapped with `create_feature_extractor`; the channels and strides
-of the tapped stages are discovered by one probe forward pass, never written in configs.
+torchvision models come from `get_model` and are traced with `create_feature_extractor` up to the last stage;
+the traced graph is then cut at each stage's output (`stages.py`), so that soft-sharing architectures can run
+the stages one at a time and exchange features between them. Channels and strides are discovered by one probe
+forward pass, never written in configs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from urllib.error import URLError
 
 import torch
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.models.vision_transformer import interpolate_embeddings
 
 from mtl_cli.errors import UserError
+from mtl_cli.models.norms import replace_norms
+from mtl_cli.models.stages import split_stages
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYOUTS = ("nchw", "nhwc", "tokens")
 
 
 class Backbone(nn.Module):
-    """Normalises the [0,1] image, runs the tapped network and returns its feature maps, fine to coarse.
+    """Normalises the [0,1] image, runs `stages` in order and returns the maps of the stages in `out_indices`
+    ([B,C,H,W], fine to coarse).
 
-    `channels[i]` and `strides[i]` describe the i-th returned map (stride = input size / map size).
+    `layout` says what the stages pass on: `nchw` maps, `nhwc` maps (Swin), or `tokens` [B,1+N,C] with a class
+    token first (ViT; the N patch tokens are reshaped to a square map). `to_map` / `from_map` convert, so that an
+    architecture can mix the outputs of stages. The first `frozen_stages` stages get no gradient and keep their
+    normalisation statistics (eval mode) in training. `channels[i]` and `strides[i]` describe the i-th map.
     """
 
-    def __init__(self, body: nn.Module, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 probe_size: int = 64):
+    def __init__(self, stages: Sequence[nn.Module], out_indices: Sequence[int] | None = None,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, layout: str = "nchw",
+                 frozen_stages: int = 0, probe_size: int = 64):
         super().__init__()
-        self.body = body
+        self.stages = nn.ModuleList(stages)
+        count = len(self.stages)
+        self.out_indices = list(range(count)) if out_indices is None else [int(i) for i in out_indices]
+        if not self.out_indices or any(not 0 <= i < count for i in self.out_indices) or \
+                self.out_indices != sorted(set(self.out_indices)):
+            raise UserError(f"backbone.out_indices={list(self.out_indices)}: give increasing stage indices from 0 to "
+                            f"{count - 1} (this backbone has {count} stages)")
+        if layout not in LAYOUTS:
+            raise UserError(f"backbone.layout={layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if not 0 <= int(frozen_stages) <= count:
+            raise UserError(f"backbone.frozen_stages={frozen_stages}: give 0 (train all) to {count} (freeze all)")
+        self.layout, self.frozen_stages, self.probe_size = layout, int(frozen_stages), probe_size
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        was_training = body.training
+        for stage in self.stages[:self.frozen_stages]:
+            stage.requires_grad_(False)
         with torch.no_grad():
-            body.eval()
-            maps = self(torch.zeros(1, 3, probe_size, probe_size))
-        body.train(was_training)
+            maps = self.eval()(torch.zeros(1, 3, probe_size, probe_size))
+        self.train()
         self.channels = [m.shape[1] for m in maps]
         self.strides = [probe_size // m.shape[-1] for m in maps]
 
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        for stage in self.stages[:self.frozen_stages]:
+            stage.eval()
+        return self
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.mean) / self.std
+
+    def to_map(self, x: torch.Tensor) -> torch.Tensor:
+        """A stage's output as a [B,C,H,W] map."""
+        if self.layout == "nhwc":
+            return x.permute(0, 3, 1, 2)
+        if self.layout == "tokens":
+            patches = x[:, 1:]
+            side = int(round(patches.shape[1] ** 0.5))
+            return patches.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+        return x
+
+    def from_map(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_map` (`like`: the stage output it came from, for the class token)."""
+        if self.layout == "nhwc":
+            return x.permute(0, 2, 3, 1)
+        if self.layout == "tokens":
+            return torch.cat([like[:, :1], x.flatten(2).transpose(1, 2)], dim=1)
+        return x
+
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.body((image - self.mean) / self.std).values())
+        x, maps = self.normalize(image), []
+        for k, stage in enumerate(self.stages[:self.out_indices[-1] + 1]):
+            x = stage(x)
+            if k in self.out_indices:
+                maps.append(self.to_map(x))
+        return maps
 
 
-def torchvision_backbone(name: str, return_nodes: Sequence[str], weights: str | None = None,
-                         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Backbone:
-    """A torchvision classification model by name, tapped at `return_nodes` (node names of its graph).
+def torchvision_backbone(name: str, stages: Sequence[str], out_indices: Sequence[int] | None = None,
+                         weights: str | None = None, frozen_stages: int = 0, norm: str | None = None,
+                         layout: str = "nchw", mean: Sequence[float] = IMAGENET_MEAN,
+                         std: Sequence[float] = IMAGENET_STD, **model_kwargs) -> Backbone:
+    """A torchvision classification model by name, cut at the graph nodes `stages` (each stage's last node).
 
-    `weights` is a torchvision weights name such as "DEFAULT" or "IMAGENET1K_V1", or null for random init.
+    `weights`: a torchvision weights name ("DEFAULT", "IMAGENET1K_V1", ...), a path to a state-dict file of
+    the same model, or null for random init. `norm`: null keeps the model's own normalisation layers;
+    `batch_norm`, `frozen_batch_norm` or `group_norm` replace batch norm (see norms.py). `model_kwargs` go to
+    the model builder (e.g. `image_size` for ViT).
     """
     if name not in list_models():
         raise UserError(f"backbone.name={name!r} is not a torchvision model; see torchvision.models.list_models()")
-    model = get_model(name, weights=_weights(name, weights))
+    model = get_model(name, **model_kwargs)
+    if weights is not None:
+        load_weights(model, name, str(weights))
+    replace_norms(model, norm, name)
     try:
-        body = create_feature_extractor(model, return_nodes={node: node for node in return_nodes})
+        traced = create_feature_extractor(model, return_nodes={node: node for node in stages})
     except ValueError as e:
-        raise UserError(f"backbone.return_nodes={list(return_nodes)} do not all exist in {name}: {e}") from None
-    return Backbone(body, mean, std)
+        raise UserError(f"backbone.stages={list(stages)} do not all exist in {name}: {e}") from None
+    size = int(model_kwargs.get("image_size", 64))
+    return Backbone(split_stages(traced, name), out_indices, mean, std, layout, frozen_stages, probe_size=size)
 
 
-def _weights(name: str, weights: str | None):
-    """The torchvision weights enum for `weights`, with its state dict already fetched (or a clear error)."""
-    if weights is None:
-        return None
+def load_weights(model: nn.Module, name: str, weights: str) -> None:
+    """Loads a torchvision weights name or a local state-dict file into `model`, with one clear error if not."""
+    if "/" in weights or weights.endswith((".pt", ".pth")):
+        state = _read_state_dict(Path(weights).expanduser())
+    else:
+        state = _torchvision_state_dict(name, weights)
+    if "encoder.pos_embedding" in state and hasattr(model, "image_size"):  # ViT at another input size
+        state = interpolate_embeddings(model.image_size, model.patch_size, state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"backbone.weights={weights!r} does not fit {name}: {len(missing)} missing keys (e.g. "
+                        f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); give a state dict "
+                        f"of torchvision's {name}")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"backbone.weights={str(path)!r}: no such file; give a torchvision weights name "
+                        "(DEFAULT, IMAGENET1K_V1, ...) or the path of a .pth state dict")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors all mean "not a state dict"
+        raise UserError(f"backbone.weights={str(path)!r} is not a readable PyTorch state dict: {e}") from None
+    for key in ("state_dict", "model"):  # checkpoints that wrap the state dict
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"backbone.weights={str(path)!r} does not hold a state dict (name -> tensor)")
+    return state
+
+
+def _torchvision_state_dict(name: str, weights: str) -> dict[str, torch.Tensor]:
+    """The state dict of a torchvision weights enum (from torch's hub cache, or downloaded), or a clear error."""
     available = get_model_weights(name)
     try:
-        enum = available[weights] if weights != "DEFAULT" else available.DEFAULT
+        enum = available.DEFAULT if weights == "DEFAULT" else available[weights]
     except KeyError:
         names = ", ".join(["DEFAULT"] + [w.name for w in available])
-        raise UserError(f"backbone.weights={weights!r} is not a weights name of {name}; valid: {names}, or null") from None
+        raise UserError(f"backbone.weights={weights!r} is not a weights name of {name}; valid: {names}, a path "
+                        "to a .pth file, or null") from None
     try:
-        enum.get_state_dict(progress=False, check_hash=True)
+        return enum.get_state_dict(progress=False, check_hash=True)
     except (URLError, OSError, RuntimeError) as e:
         cache = f"{torch.hub.get_dir()}/checkpoints/{enum.url.rsplit('/', 1)[-1]}"
         raise UserError(
             f"could not download the pretrained weights {type(enum).__name__}.{enum.name} ({type(e).__name__}: {e}).\n"
-            f"Without network access, download {enum.url} elsewhere and place the file at {cache}, "
-            f"or train from scratch with backbone.weights=null") from None
-    return enum
+            f"Without network access, download {enum.url} elsewhere and place the file at {cache} "
+            f"(or pass its path: backbone.weights=/path/to/file.pth), or train from scratch with "
+            f"backbone.weights=null") from None
 
 
 class SmallCNN(nn.Module):
@@ -98,8 +192,9 @@ class SmallCNN(nn.Module):
         return self.stages(x)
 
 
-def small_cnn(widths: Sequence[int] = (16, 32, 64, 128), return_nodes: Sequence[str] | None = None) -> Backbone:
-    """The SmallCNN, tapped (by default) after every stage."""
+def small_cnn(widths: Sequence[int] = (16, 32, 64, 128), out_indices: Sequence[int] | None = None,
+              frozen_stages: int = 0, norm: str | None = None) -> Backbone:
+    """The SmallCNN, one stage per width; by default every stage feeds the heads."""
     model = SmallCNN(widths)
-    nodes = return_nodes or [f"stages.{i}" for i in range(len(widths))]
-    return Backbone(create_feature_extractor(model, return_nodes={node: node for node in nodes}), (0.5,) * 3, (0.25,) * 3)
+    replace_norms(model, norm, "small_cnn")
+    return Backbone(list(model.stages), out_indices, (0.5,) * 3, (0.25,) * 3, "nchw", frozen_stages)

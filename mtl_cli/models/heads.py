@@ -51,3 +51,43 @@ class PooledHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor], size: Sequence[int] | None = None) -> torch.Tensor:
         x = features[-1]
         return self.mlp(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1))
+
+
+class LandmarkHead(nn.Module):
+    """K points per image (landmarks), as (x, y) in the target's units: output ``[B, num_points, 2]``.
+
+    The coarsest map is average-pooled to a ``grid`` x ``grid`` layout rather than to one vector, so that where
+    things are survives the pooling (a global pool is blind to position); the flattened grid feeds an MLP.
+    """
+
+    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_points: int, grid: int = 4,
+                 hidden: int = 256, dropout: float = 0.0):
+        super().__init__()
+        self.num_points, self.grid = num_points, grid
+        self.mlp = nn.Sequential(nn.Linear(in_channels[-1] * grid * grid, hidden), nn.ReLU(inplace=True),
+                                 nn.Dropout(dropout), nn.Linear(hidden, 2 * num_points))
+
+    def forward(self, features: Sequence[torch.Tensor], size: Sequence[int] | None = None) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(features[-1], self.grid).flatten(1)
+        return self.mlp(x).unflatten(1, (self.num_points, 2))
+
+
+class EmbeddingHead(nn.Module):
+    """An identity embedding for a margin-based softmax (ArcFace): PooledHead's pooling and MLP give a ``dim``
+    vector, L2-normalised. The head also holds one learnable centre per class, so that the optimizer, which sees
+    the model's parameters, trains them.
+
+    Returns ``{"embedding": [B, dim] unit vectors, "cosine": [B, num_classes]}``, the cosines between each
+    embedding and each (normalised) class centre: the loss adds its margin to them, identification takes their
+    argmax, verification compares embeddings.
+    """
+
+    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int, dim: int = 64,
+                 hidden: int = 128, dropout: float = 0.0):
+        super().__init__()
+        self.embed = PooledHead(in_channels, strides, out_channels=dim, hidden=hidden, dropout=dropout)
+        self.centres = nn.Parameter(torch.randn(num_classes, dim))
+
+    def forward(self, features: Sequence[torch.Tensor], size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        embedding = unit_vectors(self.embed(features))
+        return {"embedding": embedding, "cosine": embedding @ unit_vectors(self.centres).T}
