@@ -44,7 +44,9 @@ def assign(points: Tensor, strides: Tensor, boxes: Tensor, labels: Tensor, valid
     """FCOS assignment. A location (point p of stride s) is a candidate for a box when p lies inside the box, within
     `center_radius * s` of the box's centre (in both axes), and its farthest side from p lies in
     (level_range * s, 2 * level_range * s] (no lower bound on the finest level, no upper bound on the coarsest), so
-    that each level learns boxes of its scale. Among several candidate boxes a location takes the smallest."""
+    that each level learns boxes of its scale; a box that no level claims that way (an odd shape between levels)
+    is a candidate at every location inside it and near its centre. Among several candidate boxes a location
+    takes the smallest."""
     x, y = points[:, 0, None], points[:, 1, None]                                   # [N, 1]
     x0, y0, x1, y1 = boxes[:, None].unbind(-1)                                      # [B, 1, M]
     sides = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=-1)                   # [B, N, M, 4]
@@ -54,7 +56,9 @@ def assign(points: Tensor, strides: Tensor, boxes: Tensor, labels: Tensor, valid
     farthest = sides.amax(-1)
     lower = torch.where(stride == strides.min(), 0.0, level_range * stride)
     upper = torch.where(stride == strides.max(), float("inf"), 2 * level_range * stride)
-    candidate = (sides.amin(-1) > 0) & central & (farthest > lower) & (farthest <= upper) & valid[:, None]
+    near_centre = (sides.amin(-1) > 0) & central & valid[:, None]
+    candidate = near_centre & (farthest > lower) & (farthest <= upper)
+    candidate |= near_centre & ~candidate.any(1, keepdim=True)  # a box no level claims by size goes to all levels
     area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))[:, None]   # [B, 1, M]
     smallest, index = torch.where(candidate, area, float("inf")).min(-1)            # [B, N]
     matched = boxes.gather(1, index[..., None].expand(-1, -1, 4))

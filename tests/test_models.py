@@ -260,3 +260,15 @@ def test_every_architecture_trains_from_the_command_line_and_reports_its_summary
         assert "text:model/text_summary" in scalar_tags(run)
         log = (run / "train.log").read_text()
         assert "MACs / image" in log and "shared" in log
+
+
+def test_summary_counts_vit_attention_by_hand():
+    """ViT-B/16 at 32 px: 4 patches + the class token. nn.MultiheadAttention's fused eval kernel must not hide
+    its projections from the count."""
+    backbone = torchvision_backbone("vit_b_16", ["encoder.layers.encoder_layer_11"], layout="tokens", image_size=SIZE)
+    tokens, width, layers = 5, 768, 12
+    patch_embedding = width * 3 * 16 * 16 * 4
+    linear = tokens * (4 * width * width + 2 * width * 4 * width)  # q, k, v, out; the MLP's two layers
+    attention = 2 * tokens * tokens * width  # q k^T and (attention) v, all heads
+    (row, _) = summarize(backbone, (SIZE, SIZE))
+    assert row["macs"] == patch_embedding + layers * (linear + attention)

@@ -1,7 +1,7 @@
 """The model summary printed at the start of training: parameters and multiply-accumulates, shared and per task.
 
 MACs are counted by torch's FlopCounterMode (convolutions, matrix products and attention; two FLOPs per MAC) on
-one forward pass of one image in eval mode, split by the modules each part of the model owns (`model.parts()`).
+one forward pass of one image in eval mode (nothing is updated), split by the modules each part of the model owns (`model.parts()`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def summarize(model: nn.Module, image_size: tuple[int, int]) -> list[dict]:
     names = {id(m): f"{type(model).__name__}.{n}" if n else type(model).__name__ for n, m in model.named_modules()}
     device = next(model.parameters()).device
     was_training = model.training
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # with autograd on: under no_grad, nn.MultiheadAttention takes a fused kernel that FlopCounterMode misses
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model.eval()(torch.zeros(1, 3, *image_size, device=device))
     model.train(was_training)
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
