@@ -153,14 +153,17 @@ def check_builds_and_runs(cfg, tmp_path):
     assert set(outputs) == set(tasks)
     losses = {}
     for name, task in tasks.items():
-        check_output(name, task, model.heads[name], outputs[name], batch[task.target])
+        target = task.target_of(batch)
+        check_output(name, task, model.heads[name], outputs[name], target)
         task.check_targets(batch)
-        losses[name] = task.loss(outputs[name], batch[task.target])
+        losses[name] = task.loss(outputs[name], target)
         assert losses[name].shape == () and torch.isfinite(losses[name]), name
-        task.update_metrics(outputs[name].detach(), batch[task.target])
+        task.update_metrics(detached(outputs[name]), target)
         values = task.compute_metrics()
         assert values and set(values) == set(task.directions()), name
-        assert all(isinstance(v, float) and not math.isnan(v) for v in values.values()), (name, values)
+        undefined = {"verif_acc", "verif_auc"} if len(batch["image"]) < 4 else set()  # one pair: one kind only
+        assert all(isinstance(v, float) and (k in undefined or not math.isnan(v)) for k, v in values.items()), (
+            name, values)
         task.reset_metrics()
 
     before = [p.detach().clone() for p in model.parameters()]
@@ -178,9 +181,17 @@ def check_builds_and_runs(cfg, tmp_path):
     return model, tasks
 
 
+def detached(output):
+    return {k: v.detach() for k, v in output.items()} if isinstance(output, dict) else output.detach()
+
+
 def check_output(name, task, head, output, target):
-    """Dense tasks: [B,C,H,W] at the input size; pooled tasks: [B, num_classes] (or [B,1] for a scalar)."""
-    assert torch.isfinite(output).all(), name
+    """Dense tasks: [B,C,H,W] at the input size; pooled tasks: [B, num_classes] (or [B,1] for a scalar); other
+    heads (detection, landmarks, identity: their own tests check their shapes) give finite tensors."""
+    parts = list(output.values()) if isinstance(output, dict) else [output]
+    assert all(torch.isfinite(part).all() for part in parts), name
+    if not isinstance(head, (DenseHead, PooledHead)):
+        return
     if isinstance(head, DenseHead):
         assert output.dim() == 4 and output.shape[-2:] == (SIZE, SIZE), (name, output.shape)
         if target.dim() == 4:  # per-pixel values: depth [B,1,H,W], normals [B,3,H,W]
