@@ -214,7 +214,7 @@ SMALL_HEAD = "tasks.detection.head.width=16"  # a light head keeps the subproces
 
 
 def test_mtl_trains_detection_with_segmentation_and_logs_map(tmp_path):
-    mtl("train", "tasks=[detection,segmentation]", SMALL_HEAD, *TINY, cwd=tmp_path)
+    mtl("train", "tasks=[detection,segmentation]", SMALL_HEAD, *TINY, "trainer.max_epochs=1", cwd=tmp_path)
     (run_dir,) = run_dirs(tmp_path / "outputs")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     values = metrics["final"]["metrics"]["detection"]

@@ -23,7 +23,7 @@ def _t(a, dtype=torch.float32):
 
 
 def _landmark_batches(rng, sizes=(3, 1, 4), k=5):
-    """(pred, target) batches [b, k, 2] with some unlabelled (all-NaN) samples, errors growing per batch."""
+    """(pred, target) batches [b, k, 2] with some unlabelled (NaN) samples, errors growing per batch."""
     out = []
     for n, b in enumerate(sizes):
         target = rng.uniform(0, 1, size=(b, k, 2))
@@ -31,6 +31,8 @@ def _landmark_batches(rng, sizes=(3, 1, 4), k=5):
         target[rng.random(b) < 0.3] = np.nan
         out.append((pred.astype(np.float32), target.astype(np.float32)))
     out[0][1][0] = np.nan  # at least one missing sample
+    if len(out) > 2:
+        out[2][1][1, 2, 0] = np.nan  # one unknown coordinate: the whole sample is skipped
     return out
 
 

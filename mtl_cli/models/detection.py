@@ -23,11 +23,13 @@ from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork, batched_nms, clip_boxes_to_image
 
 
-def _tower(width: int, depth: int) -> nn.Sequential:
-    """`depth` conv3x3-GroupNorm-ReLU blocks (GroupNorm: FCOS's choice, independent of the batch's make-up)."""
+def _tower(width: int, depth: int, group_channels: int) -> nn.Sequential:
+    """`depth` conv3x3-GroupNorm-ReLU blocks (GroupNorm, FCOS's choice: levels share the tower, so batch statistics
+    would mix them). Groups of about `group_channels` channels."""
+    groups = math.gcd(width, max(width // group_channels, 1))
     layers = []
     for _ in range(depth):
-        layers += [nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(math.gcd(32, width), width), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(groups, width), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
@@ -37,11 +39,11 @@ class DetectionHead(nn.Module):
     per level, so that every level regresses numbers near 1 whatever its stride."""
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int, width: int = 64,
-                 depth: int = 2, prior: float = 0.01):
+                 depth: int = 2, group_channels: int = 8, prior: float = 0.01):
         super().__init__()
         self.strides = [int(s) for s in strides]
         self.fpn = FeaturePyramidNetwork(list(in_channels), width)
-        self.cls_tower, self.box_tower = _tower(width, depth), _tower(width, depth)
+        self.cls_tower, self.box_tower = _tower(width, depth, group_channels), _tower(width, depth, group_channels)
         self.cls_logits = nn.Conv2d(width, num_classes, 3, padding=1)
         self.ltrb = nn.Conv2d(width, 4, 3, padding=1)
         self.centerness = nn.Conv2d(width, 1, 3, padding=1)
@@ -59,7 +61,7 @@ class DetectionHead(nn.Module):
         for level, (x, stride) in enumerate(zip(pyramid, self.strides)):
             cls, box = self.cls_tower(x), self.box_tower(x)
             logits.append(self.cls_logits(cls).flatten(2).transpose(1, 2))
-            exponent = (self.scales[level] * self.ltrb(box)).clamp(max=10.0)  # exp overflows nothing below e^10
+            exponent = (self.scales[level] * self.ltrb(box)).clamp(max=10.0)  # a diverging step cannot give inf
             ltrb.append((exponent.exp() * stride).flatten(2).transpose(1, 2))
             centerness.append(self.centerness(box).flatten(1))
             level_points = _grid(x.shape[-2:], stride, x.device)
