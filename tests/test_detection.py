@@ -17,7 +17,7 @@ from test_cli import TINY, mtl, run_dirs, scalar_tags
 from mtl_cli.errors import UserError
 from mtl_cli.losses_detection import DetectionLoss, assign, centerness_of, pad_targets
 from mtl_cli.metrics import DetectionMAP
-from mtl_cli.models.detection import DetectionHead, _grid, decode_detections
+from mtl_cli.models.detection import DetectionHead, decode_detections, grid_points
 
 
 def logit(p: float) -> float:
@@ -136,8 +136,8 @@ def test_map_rejects_labels_outside_the_classes():
 
 
 def test_assignment_by_level_centre_and_size():
-    """On a 32x32 image with levels of stride 4 and 8 (ranges [0, 8] and (8, inf) with level_range=2)."""
-    points = torch.cat([_grid((8, 8), 4, "cpu"), _grid((4, 4), 8, "cpu")])
+    """On a 32x32 image with levels of stride 4 and 8: farthest-side ranges [0, 16] and (16, inf) at level_range=2."""
+    points = torch.cat([grid_points((8, 8), 4, "cpu"), grid_points((4, 4), 8, "cpu")])
     strides = torch.cat([torch.full((64,), 4.0), torch.full((16,), 8.0)])
     target = {"boxes": [torch.tensor([[8.0, 8, 20, 20], [0, 0, 32, 32]]), torch.zeros(0, 4)],
               "labels": [torch.tensor([3, 5]), torch.zeros(0, dtype=torch.long)]}
