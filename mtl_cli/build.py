@@ -7,12 +7,14 @@ from typing import Any
 import hydra.utils
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from mtl_cli.data.collate import collate
+from mtl_cli.data.files import SkipBad
+from mtl_cli.data.transforms import compose, split_transforms
 from mtl_cli.errors import UserError
 from mtl_cli.tasks import Task
 from mtl_cli.weighting.base import Weighting
@@ -82,7 +84,59 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer):
 
 
 def build_dataset(cfg: DictConfig, split: str) -> Dataset:
-    return call(instantiate(cfg.data.dataset, "data.dataset"), "data.dataset", split=split)
+    """The dataset of `split`, with the joint transforms declared for that split (`data.transforms.<split>`)."""
+    if cfg.data.get("members") is not None:
+        return build_multi(cfg.data, split)
+    return build_one(cfg.data, split)
+
+
+def build_one(data: DictConfig, split: str, where: str = "data") -> Dataset:
+    kwargs = {"split": split}
+    if data.get("transforms"):
+        declared = split_transforms(data.transforms, split)
+        kwargs["transforms"] = compose(instantiate(declared, f"{where}.transforms.{split}"))
+    dataset = call(instantiate(data.dataset, f"{where}.dataset"), f"{where}.dataset", **kwargs)
+    return SkipBad(dataset) if data.get("skip_bad") else dataset
+
+
+def build_multi(data: DictConfig, split: str) -> Dataset:
+    """`data: multi`: one dataset per member, each giving the targets of the tasks assigned to it."""
+    members = {name: build_one(member, split, f"data.members.{name}") for name, member in data.members.items()}
+    keys = {name: target_keys(data.members[name].targets, tasks) for name, tasks in data.tasks.items()}
+    return call(instantiate(data.dataset, "data.dataset"), "data.dataset", members=members, keys=keys)
+
+
+def target_keys(targets: DictConfig, tasks) -> list[str]:
+    """The batch keys the targets of `tasks` are read from (`key`, and `labels_key` and the like)."""
+    return sorted({str(value) for task in tasks for field, value in targets[task].items()
+                   if field == "key" or field.endswith("_key")})
+
+
+def resolve_data(cfg: DictConfig) -> DictConfig:
+    """`data: multi`: data.targets becomes the targets each task's member provides (data.tasks says which member
+    serves which task), so that the task configs read them as they read any dataset's."""
+    data = cfg.data
+    if data.get("members") is None:
+        return cfg
+    if not data.get("members") or not data.get("tasks"):
+        raise UserError("data=multi needs members and the tasks each serves, e.g. +data@data.members.faces=celeba "
+                        "data.members.faces.root=/data/celeba +data.tasks.faces=[attributes]")
+    targets = {}
+    for member, tasks in data.tasks.items():
+        if member not in data.members:
+            raise UserError(f"data.tasks names the member {member!r}, which data.members lacks (it has: "
+                            f"{', '.join(data.members)})")
+        for task in tasks:
+            if task not in data.members[member].get("targets", {}):
+                raise UserError(f"data.tasks assigns task {task!r} to member {member!r}, whose data "
+                                f"{data.members[member].get('name', '?')!r} does not provide it (it provides: "
+                                f"{', '.join(data.members[member].get('targets', {}))})")
+            if task in targets:
+                raise UserError(f"data.tasks assigns task {task!r} to two members; give each task one member")
+            targets[task] = OmegaConf.to_container(data.members[member].targets[task], resolve=True)
+    with open_dict(cfg):
+        cfg.data.targets = targets
+    return cfg
 
 
 def build_loader(cfg: DictConfig, dataset: Dataset, shuffle: torch.Generator | None = None, pin: bool = False
@@ -95,7 +149,20 @@ def build_loader(cfg: DictConfig, dataset: Dataset, shuffle: torch.Generator | N
     if batch_size < 1 or workers < 0:
         raise UserError(f"data.batch_size={batch_size} and data.num_workers={workers}: the batch size must be at "
                         "least 1 and the number of workers at least 0")
-    sampler = RandomSampler(dataset, generator=shuffle) if shuffle is not None else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=shuffle is not None,
-                      num_workers=workers, collate_fn=collate, generator=torch.Generator().manual_seed(int(cfg.seed)),
+    if hasattr(dataset, "batch_sampler"):  # several datasets: each batch from one of them
+        loader = {"batch_sampler": dataset.batch_sampler(batch_size, shuffle)}
+    else:
+        sampler = RandomSampler(dataset, generator=shuffle) if shuffle is not None else None
+        loader = {"batch_size": batch_size, "sampler": sampler, "drop_last": shuffle is not None}
+    return DataLoader(dataset, **loader, num_workers=workers, collate_fn=collate, generator=torch.Generator().manual_seed(int(cfg.seed)),
                       persistent_workers=workers > 0, pin_memory=pin)
+
+
+def adopt_facts(cfg: DictConfig, dataset: Dataset) -> DictConfig:
+    """Facts the train split decides (the class maps of a folder dataset) join cfg.data, so that the tasks are
+    built with them and the checkpoint's config carries them to mtl eval and to a resume."""
+    facts = getattr(dataset, "facts", None)
+    if facts:
+        with open_dict(cfg):
+            cfg.data = OmegaConf.merge(cfg.data, facts)
+    return resolve_data(cfg)

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import nn
 
-from mtl_cli.build import build_dataset, build_loader, build_model, build_tasks
+from mtl_cli.build import build_dataset, build_loader, build_model, build_tasks, resolve_data
 from mtl_cli.engine.checkpoint import load_checkpoint, load_state
 from mtl_cli.engine.report import metrics_table
 from mtl_cli.errors import reports_user_errors
@@ -55,9 +55,12 @@ def evaluate(model: nn.Module, tasks: dict[str, Task], batches: Iterable[dict], 
         for name, task in tasks.items():
             if not task.has_target(batch):
                 continue
-            output, target = outputs[name], task.target_of(batch)
+            output, target = task.select(outputs[name], batch)
             output = output.float() if isinstance(output, torch.Tensor) else output
-            n = len(batch["image"])
+            mask = task.present(batch)
+            n = len(batch["image"]) if mask is None else int(mask.sum())
+            if n == 0:
+                continue
             loss_sum[name] += float(task.loss(output, target)) * n
             count[name] += n
             task.update_metrics(output, target)
@@ -65,7 +68,7 @@ def evaluate(model: nn.Module, tasks: dict[str, Task], batches: Iterable[dict], 
             examples = {"image": batch["image"][:keep_examples],
                         "outputs": {k: v[:keep_examples].float() for k, v in outputs.items() if tasks[k].visualize},
                         "targets": {t.name: batch[t.target][:keep_examples] for t in tasks.values()
-                                    if t.visualize and t.has_target(batch)}}
+                                    if t.visualize and t.has_target(batch) and t.present(batch) is None}}
     losses = {name: loss_sum[name] / count[name] for name in tasks if count[name]}
     losses["total"] = sum(losses.values())
     metrics = {name: task.compute_metrics() for name, task in tasks.items() if count[name]}
@@ -89,7 +92,7 @@ def limited(loader: Iterable, limit: int | None) -> Iterable:
 def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     checkpoint = load_checkpoint(cfg.ckpt)
-    cfg = config_from_checkpoint(checkpoint, cfg)
+    cfg = resolve_data(config_from_checkpoint(checkpoint, cfg))
     device = pick_device(cfg.trainer.device)
     tasks = {name: task.to(device) for name, task in build_tasks(cfg).items()}
     model = build_model(cfg, tasks)

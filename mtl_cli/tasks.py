@@ -8,7 +8,21 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
+from mtl_cli.data.collate import PRESENT
 from mtl_cli.errors import UserError
+
+
+# Entries of a head's dict output that describe the whole batch (the detection head's anchor points), not a sample.
+BATCH_ENTRIES = frozenset({"points", "strides", "image_size"})
+
+
+def take(output, mask: torch.Tensor):
+    """The rows of `mask` of a head's output: a tensor [B, ...], or a dict or list of them."""
+    if isinstance(output, torch.Tensor):
+        return output[mask]
+    if isinstance(output, Mapping):
+        return {key: value if key in BATCH_ENTRIES else take(value, mask) for key, value in output.items()}
+    return [value for value, keep in zip(output, mask.tolist()) if keep]
 
 
 class Task:
@@ -40,7 +54,18 @@ class Task:
         return [self.target] if isinstance(self.target, str) else list(self.target.values())
 
     def has_target(self, batch: Mapping) -> bool:
+        """Whether some sample of `batch` has the task's target (a batch from another dataset has none)."""
         return all(key in batch for key in self.keys)
+
+    def present(self, batch: Mapping) -> torch.Tensor | None:
+        """Which samples of `batch` have the target (bool [B]), or None when all of them have it."""
+        return batch.get(PRESENT + self.keys[0])
+
+    def select(self, output, batch: Mapping):
+        """(the output of the samples that have the target, the target): a loss or metric over them equals the
+        loss or metric over a batch without the others."""
+        mask = self.present(batch)
+        return (output if mask is None else take(output, mask)), self.target_of(batch)
 
     def target_of(self, batch: Mapping):
         """The task's target in `batch`: one entry, or a dict of entries for a several-part target."""

@@ -16,12 +16,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mtl_cli.build import (build_dataset, build_loader, build_model, build_optimizer, build_scheduler, build_tasks,
-                           build_weighting, call, instantiate)
+from mtl_cli.build import (adopt_facts, build_dataset, build_loader, build_model, build_optimizer, build_scheduler, build_tasks,
+                           build_weighting, call, instantiate, resolve_data)
 from mtl_cli.engine.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.progress import EpochProgress
 from mtl_cli.engine.report import metrics_table
+from mtl_cli.data.collate import PRESENT
 from mtl_cli.errors import UserError, reports_user_errors
 from mtl_cli.evaluate import evaluate, flatten, limited, to_device
 from mtl_cli.models.summary import summarize, summary_markdown, summary_table
@@ -53,10 +54,12 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
     if int(cfg.trainer.val_every) < 1 or int(cfg.trainer.max_epochs) < 1:
         raise UserError(f"trainer.val_every={cfg.trainer.val_every} and trainer.max_epochs={cfg.trainer.max_epochs}"
                         " must both be at least 1 (the last epoch is always validated)")
+    train_set = build_dataset(resolve_data(cfg), "train")
+    cfg = adopt_facts(cfg, train_set)  # e.g. the class maps of a folder dataset, built from its train split
     tasks = {name: task.to(device) for name, task in build_tasks(cfg).items()}
     shuffle = torch.Generator()
     pin = device.type == "cuda"
-    train_loader = build_loader(cfg, build_dataset(cfg, "train"), shuffle=shuffle, pin=pin)
+    train_loader = build_loader(cfg, train_set, shuffle=shuffle, pin=pin)
     val_loader = build_loader(cfg, build_dataset(cfg, cfg.data.split), pin=pin)
     model = build_model(cfg, tasks).to(device)
     weighting = build_weighting(cfg, tasks).to(device)
@@ -139,14 +142,14 @@ def train_epoch(model: nn.Module, tasks: dict[str, Task], weighting: Weighting, 
     counts: dict[str, int] = {}
     samples, window_start = 0, time.perf_counter()
     for batch in batches:
-        if check_targets:
+        if check_targets and cfg.data.get("members") is None:
             check_batch(tasks, batch)
             check_targets = False
         batch = to_device(batch, device)
         with autocast(cfg.trainer.precision, device):
             cut = FeatureCut(model.encode(batch["image"]))  # heads read leaf copies: see weighting/gradients.py
             outputs = model.decode(cut.leaves, batch["image"].shape[-2:])
-            losses = {name: task.loss(outputs[name], task.target_of(batch))
+            losses = {name: task.loss(*task.select(outputs[name], batch))
                       for name, task in tasks.items() if task.has_target(batch)}
         optimizer.zero_grad(set_to_none=True)
         logged = (step + 1) % logger.log_every == 0
@@ -222,8 +225,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def check_batch(tasks: dict[str, Task], batch: dict) -> None:
-    """On the first batch: every task's target is in the data, and its labels fit the task's class count."""
+    """On the first batch: every task's target is in the data, and its labels fit the task's class count.
+    (With several datasets a batch holds the targets of one of them: data.tasks was checked instead.)"""
     for task in tasks.values():
+        if not task.has_target(batch) and any(PRESENT + key in batch for key in task.keys):
+            continue  # no sample of this batch has the label
         if not task.has_target(batch):
             keys = ", ".join(k for k in batch if k != "image")
             missing = [k for k in task.keys if k not in batch]
