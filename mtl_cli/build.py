@@ -16,6 +16,7 @@ from mtl_cli.data.collate import collate
 from mtl_cli.data.files import SkipBad
 from mtl_cli.data.transforms import compose, split_transforms
 from mtl_cli.errors import UserError
+from mtl_cli.metrics.delta_m import DeltaM, build_delta_m
 from mtl_cli.tasks import Task
 from mtl_cli.weighting.base import Weighting
 
@@ -81,6 +82,14 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, weighting: Weighting) -> 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer):
     return call(instantiate(cfg.scheduler, "scheduler"), "scheduler", optimizer)
+
+
+def build_delta(cfg: DictConfig, tasks: dict[str, Task]) -> DeltaM | None:
+    """val/delta_m against the single-task baselines of the config, if any are given."""
+    baselines = OmegaConf.to_container(cfg.baselines, resolve=True) if cfg.get("baselines") else None
+    runs = list(cfg.get("baselines_from") or [])
+    directions = {name: task.directions() for name, task in tasks.items()}
+    return build_delta_m(baselines, runs, directions, str(cfg.get("delta_m_average", "metrics")))
 
 
 def build_dataset(cfg: DictConfig, split: str) -> Dataset:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import hydra
@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import nn
 
-from mtl_cli.build import build_dataset, build_loader, build_model, build_tasks, resolve_data
+from mtl_cli.build import build_dataset, build_delta, build_loader, build_model, build_tasks, resolve_data
 from mtl_cli.engine.checkpoint import load_checkpoint, load_state
 from mtl_cli.engine.report import metrics_table
 from mtl_cli.errors import reports_user_errors
@@ -36,11 +36,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tasks: dict[str, Task], batches: Iterable[dict], device: torch.device,
-             precision: str = "32", keep_examples: int = 0) -> dict:
+             precision: str = "32", keep_examples: int = 0, delta_m: Callable | None = None) -> dict:
     """Losses and metrics of every task over all of `batches` (metrics accumulate over the whole split).
 
     Returns {"loss": {task: mean loss per sample, "total": sum}, "metrics": {task: {metric: value}},
-    "examples": the first `keep_examples` images of the first batch with their outputs and targets}.
+    "examples": the first `keep_examples` images of the first batch with their outputs and targets}, and
+    "delta_m" when `delta_m` (metrics -> delta_m over single-task baselines) is given.
     """
     model.eval()
     for task in tasks.values():
@@ -72,12 +73,17 @@ def evaluate(model: nn.Module, tasks: dict[str, Task], batches: Iterable[dict], 
     losses = {name: loss_sum[name] / count[name] for name in tasks if count[name]}
     losses["total"] = sum(losses.values())
     metrics = {name: task.compute_metrics() for name, task in tasks.items() if count[name]}
-    return {"loss": losses, "metrics": metrics, "examples": examples}
+    results = {"loss": losses, "metrics": metrics, "examples": examples}
+    if delta_m is not None:
+        results["delta_m"] = delta_m(metrics)
+    return results
 
 
 def flatten(results: dict, prefix: str = "val") -> dict[str, float]:
-    """{"loss": ..., "metrics": ...} -> {"val/loss/<task>": v, "val/<task>/<metric>": v}."""
+    """{"loss": ..., "metrics": ..., "delta_m"} -> {"val/loss/<task>": v, "val/<task>/<metric>": v, "val/delta_m"}."""
     scalars = {f"{prefix}/loss/{name}": value for name, value in results["loss"].items()}
+    if "delta_m" in results:
+        scalars[f"{prefix}/delta_m"] = results["delta_m"]
     for task, values in results["metrics"].items():
         scalars.update({f"{prefix}/{task}/{metric}": value for metric, value in values.items()})
     return scalars
@@ -101,11 +107,13 @@ def main(cfg: DictConfig) -> dict:
     split = cfg.data.split
     loader = build_loader(cfg, build_dataset(cfg, split), pin=device.type == "cuda")
     log.info(f"evaluating {cfg.ckpt} (epoch {checkpoint['epoch']}, step {checkpoint['step']}) on split {split!r}")
-    results = evaluate(model, tasks, limited(loader, cfg.trainer.limit_val_batches), device, cfg.trainer.precision)
+    results = evaluate(model, tasks, limited(loader, cfg.trainer.limit_val_batches), device, cfg.trainer.precision,
+                       delta_m=build_delta(cfg, tasks))
     directions = {name: task.directions() for name, task in tasks.items()}
     log.info(metrics_table({"value": results}, directions, title=f"{split} metrics"))
     report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "split": split, "epoch": checkpoint["epoch"],
               "step": checkpoint["step"], "loss": results["loss"], "metrics": results["metrics"],
+              **({"delta_m": results["delta_m"]} if "delta_m" in results else {}),
               "higher_is_better": directions}
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
     log.info(f"wrote {run_dir / 'eval.json'}")

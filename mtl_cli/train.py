@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mtl_cli.build import (adopt_facts, build_dataset, build_loader, build_model, build_optimizer, build_scheduler, build_tasks,
+from mtl_cli.build import (adopt_facts, build_dataset, build_delta, build_loader, build_model, build_optimizer, build_scheduler, build_tasks,
                            build_weighting, call, instantiate, resolve_data)
 from mtl_cli.engine.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from mtl_cli.engine.logger import Logger
@@ -66,7 +66,8 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
     optimizer = build_optimizer(cfg, model, weighting)
     scheduler = build_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16")
-    monitor = Monitor(cfg.trainer.monitor, cfg.trainer.monitor_mode, tasks)
+    delta = build_delta(cfg, tasks)
+    monitor = Monitor(cfg.trainer.monitor, cfg.trainer.monitor_mode, tasks, delta is not None)
     state = {"epoch": 0, "step": 0, "best": None, "best_results": None, "results": None}
 
     # 2. Resume: every part and every random generator as they were at the end of the saved epoch.
@@ -108,9 +109,10 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
         improved = False
         if done or state["epoch"] % int(cfg.trainer.val_every) == 0:
             val_batches = limited(val_loader, cfg.trainer.limit_val_batches)
-            results = evaluate(model, tasks, val_batches, device, cfg.trainer.precision, logger.num_images)
+            results = evaluate(model, tasks, val_batches, device, cfg.trainer.precision, logger.num_images, delta)
             log_validation(logger, tasks, results, state["step"])
-            state["results"] = {"loss": results["loss"], "metrics": results["metrics"], "epoch": state["epoch"]}
+            state["results"] = {key: results[key] for key in ("loss", "metrics", "delta_m") if key in results}
+            state["results"]["epoch"] = state["epoch"]
             log.info(f"epoch {state['epoch']}/{max_epochs} " + "  ".join(
                 f"{k.removeprefix('val/')} {v:.4g}" for k, v in flatten(results).items()))
             improved = monitor.improved(results, state["best"])
@@ -254,12 +256,15 @@ def log_validation(logger: Logger, tasks: dict[str, Task], results: dict, step: 
 class Monitor:
     """The quantity best.pt is chosen on: val/loss/total, val/loss/<task> or val/<task>/<metric>."""
 
-    def __init__(self, name: str, mode: str, tasks: dict[str, Task]):
+    def __init__(self, name: str, mode: str, tasks: dict[str, Task], delta_m: bool = False):
         directions = {f"val/{task}/{metric}": higher for task in tasks
                       for metric, higher in tasks[task].directions().items()}
         directions.update({f"val/loss/{task}": False for task in [*tasks, "total"]})
+        if delta_m:
+            directions["val/delta_m"] = True
         if name not in directions:
-            raise UserError(f"trainer.monitor={name!r} is not logged by this run; choose one of: "
+            hint = " (val/delta_m needs baselines or baselines_from)" if name == "val/delta_m" else ""
+            raise UserError(f"trainer.monitor={name!r} is not logged by this run{hint}; choose one of: "
                             + ", ".join(sorted(directions)))
         if mode not in ("auto", "max", "min"):
             raise UserError(f"trainer.monitor_mode={mode!r} is not one of auto, max, min")

@@ -23,6 +23,9 @@ def metrics_table(columns: dict[str, dict], directions: dict[str, dict[str, bool
     for task in directions:
         values = [columns[h]["loss"].get(task) for h in columns]
         table.add_row(task, "loss ↓", *("-" if v is None else f"{v:.4f}" for v in values))
+    if any("delta_m" in column for column in columns.values()):
+        values = [columns[h].get("delta_m") for h in columns]
+        table.add_row("all", "delta_m % ↑", *("-" if v is None else f"{v:+.2f}" for v in values))
     buffer = io.StringIO()
     Console(file=buffer, width=120, force_terminal=False, color_system=None).print(table)
     return "\n" + buffer.getvalue().rstrip()
