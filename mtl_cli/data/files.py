@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from mtl_cli.errors import UserError
 
@@ -29,20 +29,28 @@ class BadSample(UserError):
                          "to skip bad samples with a warning")
 
 
-def read_image(path: str | Path, mode: ImageReadMode = ImageReadMode.RGB) -> tv_tensors.Image:
-    """An image file (JPEG, PNG, GIF, WEBP) as a float tv_tensors.Image [C, H, W] in [0, 1]."""
-    return tv_tensors.Image(read_raw(path, mode).float() / 255)
+def read_image(path: str | Path) -> tv_tensors.Image:
+    """An image file (any format Pillow reads) as a float RGB tv_tensors.Image [3, H, W] in [0, 1]."""
+    return tv_tensors.Image(read_raw(path, "RGB").float() / 255)
 
 
-def read_raw(path: str | Path, mode: ImageReadMode = ImageReadMode.UNCHANGED) -> torch.Tensor:
-    """An image file decoded as it is stored (uint8, or uint16 for 16-bit PNG depth), [C, H, W]."""
+def read_raw(path: str | Path, mode: str | None = None) -> torch.Tensor:
+    """An image file as stored (uint8, or uint16 for a 16-bit PNG such as depth in millimetres), [C, H, W];
+    `mode` converts it first (Pillow's modes: "RGB", "L"). Read with Pillow: torchvision's own decoders are
+    deprecated (since 0.29) in favour of torchcodec."""
     path = Path(path)
     if not path.is_file():
         raise BadSample(path, "no such file")
     try:
-        return decode_image(str(path), mode=mode)
-    except (RuntimeError, ValueError) as e:
+        with Image.open(path) as image:
+            image = image.convert(mode) if mode else image
+            array = np.array(image)
+    except (OSError, ValueError, SyntaxError) as e:  # Pillow's errors for junk or truncated files
         raise BadSample(path, f"not a readable image ({str(e).splitlines()[0]})") from None
+    if array.dtype == np.int32 and array.max(initial=0) < 2**16:  # Pillow opens 16-bit PNGs as 32-bit "I"
+        array = array.astype(np.uint16)
+    tensor = torch.from_numpy(array)
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
 
 
 def read_npy(path: str | Path) -> np.ndarray:
