@@ -31,13 +31,14 @@ from __future__ import annotations
 import functools
 import operator
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from mtl_cli.data.transforms import Depth, Normals, plain
 from mtl_cli.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -370,6 +371,7 @@ class DigitScenes(Dataset):
         max_digits: int = 4,
         seed: int = 0,
         cache: bool = True,
+        transforms: Callable | None = None,
     ):
         scenes = DEFAULT_SCENES if scenes is None else scenes
         if not hasattr(scenes, "items"):
@@ -392,6 +394,7 @@ class DigitScenes(Dataset):
         images, labels = _load_digits()
         self._images, self._labels = images[self._pool], labels[self._pool]
         self._cache: dict[int, dict[str, np.ndarray]] | None = {} if cache else None
+        self.transforms = transforms
 
     def __len__(self) -> int:
         return self.length
@@ -417,13 +420,26 @@ class DigitScenes(Dataset):
         return {**packed, "normals": _expand_normals(packed["surface"], packed["surface_normals"])}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.sample(index)
+        if self.transforms is None:
+            return plain(sample)
+        # landmarks move with the image as key points in pixels. The scene-level labels (classification, count,
+        # multilabel) are not revised: use transforms that keep every digit in view (flips, mild scales).
+        size = (self.image_size, self.image_size)
+        sample["landmarks"] = tv_tensors.KeyPoints(sample["landmarks"] * self.image_size, canvas_size=size)
+        sample = self.transforms(sample)
+        height, width = sample["image"].shape[-2:]
+        sample["landmarks"] = sample["landmarks"].as_subclass(torch.Tensor) / torch.tensor([width, height])
+        return plain(sample)
+
+    def sample(self, index: int) -> dict[str, torch.Tensor]:
         s = self.scene(index)
         size = self.image_size
         return {
-            "image": torch.from_numpy(s["image"].copy()),
-            "segmentation": torch.from_numpy(s["segmentation"].astype(np.int64)),
-            "depth": torch.from_numpy(s["depth"].copy()),
-            "normals": torch.from_numpy(s["normals"]),
+            "image": tv_tensors.Image(torch.from_numpy(s["image"].copy())),
+            "segmentation": tv_tensors.Mask(torch.from_numpy(s["segmentation"].astype(np.int64))),
+            "depth": Depth(torch.from_numpy(s["depth"].copy())),
+            "normals": Normals(torch.from_numpy(s["normals"])),
             "classification": torch.tensor(int(s["classification"]), dtype=torch.int64),
             "landmarks": torch.from_numpy(s["landmarks"].copy()),
             "multilabel": torch.from_numpy(s["multilabel"].copy()),
