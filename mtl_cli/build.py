@@ -95,7 +95,7 @@ def build_delta(cfg: DictConfig, tasks: dict[str, Task]) -> DeltaM | None:
 def build_dataset(cfg: DictConfig, split: str) -> Dataset:
     """The dataset of `split`, with the joint transforms declared for that split (`data.transforms.<split>`)."""
     if cfg.data.get("members") is not None:
-        return build_multi(cfg.data, split)
+        return build_multi(cfg, split)
     return build_one(cfg.data, split)
 
 
@@ -108,11 +108,20 @@ def build_one(data: DictConfig, split: str, where: str = "data") -> Dataset:
     return SkipBad(dataset) if data.get("skip_bad") else dataset
 
 
-def build_multi(data: DictConfig, split: str) -> Dataset:
+def build_multi(cfg: DictConfig, split: str) -> Dataset:
     """`data: multi`: one dataset per member, each giving the targets of the tasks assigned to it."""
-    members = {name: build_one(member, split, f"data.members.{name}") for name, member in data.members.items()}
-    keys = {name: target_keys(data.members[name].targets, tasks) for name, tasks in data.tasks.items()}
+    views = {name: member_view(cfg, name).data for name in cfg.data.members}
+    members = {name: build_one(view, split, f"data.members.{name}") for name, view in views.items()}
+    keys = {name: target_keys(views[name].targets, tasks) for name, tasks in cfg.data.tasks.items()}
     return call(instantiate(data.dataset, "data.dataset"), "data.dataset", members=members, keys=keys)
+
+
+def member_view(cfg: DictConfig, member: str) -> DictConfig:
+    """The config as member `member` of data=multi sees it: its data config in the place of `data`, so that its
+    own interpolations (`${data.root}`, `${data.image_size}`) read the member's values."""
+    view = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    view.data = OmegaConf.to_container(cfg.data.members[member], resolve=False)
+    return view
 
 
 def target_keys(targets: DictConfig, tasks) -> list[str]:
@@ -142,7 +151,7 @@ def resolve_data(cfg: DictConfig) -> DictConfig:
                                 f"{', '.join(data.members[member].get('targets', {}))})")
             if task in targets:
                 raise UserError(f"data.tasks assigns task {task!r} to two members; give each task one member")
-            targets[task] = OmegaConf.to_container(data.members[member].targets[task], resolve=True)
+            targets[task] = OmegaConf.to_container(member_view(cfg, member).data.targets[task], resolve=True)
     with open_dict(cfg):
         cfg.data.targets = targets
     return cfg
