@@ -113,7 +113,7 @@ def build_multi(cfg: DictConfig, split: str) -> Dataset:
     views = {name: member_view(cfg, name).data for name in cfg.data.members}
     members = {name: build_one(view, split, f"data.members.{name}") for name, view in views.items()}
     keys = {name: target_keys(views[name].targets, tasks) for name, tasks in cfg.data.tasks.items()}
-    return call(instantiate(data.dataset, "data.dataset"), "data.dataset", members=members, keys=keys)
+    return call(instantiate(cfg.data.dataset, "data.dataset"), "data.dataset", members=members, keys=keys)
 
 
 def member_view(cfg: DictConfig, member: str) -> DictConfig:
