@@ -83,7 +83,7 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
     logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
     log.info(f"run dir: {run_dir}\ndevice: {device}, tasks: {', '.join(tasks)}, weighting: "
              f"{type(weighting).__name__}")
-    size = tuple(train_loader.dataset[0]["image"].shape[-2:])
+    size = tuple(next(s for s in map(train_set.__getitem__, range(len(train_set))) if s)["image"].shape[-2:])  # the first sample not skipped as bad
     title = f"model: {type(model).__name__}, {cfg.backbone.get('name', 'small_cnn')}, {size[0]}x{size[1]} input"
     rows = summarize(model, size)
     log.info(summary_table(rows, title))
