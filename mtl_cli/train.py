@@ -16,13 +16,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mtl_cli.build import (adopt_facts, build_dataset, build_delta, build_loader, build_model, build_optimizer, build_scheduler, build_tasks,
-                           build_weighting, call, instantiate, resolve_data)
+from mtl_cli.build import (adopt_facts, build_dataset, build_delta, build_loader, build_model, build_optimizer,
+                           build_scheduler, build_tasks, build_weighting, call, instantiate, resolve_data)
 from mtl_cli.engine.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.progress import EpochProgress
-from mtl_cli.engine.report import metrics_table
 from mtl_cli.data.collate import PRESENT
+from mtl_cli.engine.report import metrics_table
 from mtl_cli.errors import UserError, reports_user_errors
 from mtl_cli.evaluate import evaluate, flatten, limited, to_device
 from mtl_cli.models.summary import summarize, summary_markdown, summary_table
@@ -83,7 +83,8 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
     logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
     log.info(f"run dir: {run_dir}\ndevice: {device}, tasks: {', '.join(tasks)}, weighting: "
              f"{type(weighting).__name__}")
-    size = tuple(next(s for s in map(train_set.__getitem__, range(len(train_set))) if s)["image"].shape[-2:])  # the first sample not skipped as bad
+    first = next(s for s in map(train_set.__getitem__, range(len(train_set))) if s)  # not a skipped bad file
+    size = tuple(first["image"].shape[-2:])
     title = f"model: {type(model).__name__}, {cfg.backbone.get('name', 'small_cnn')}, {size[0]}x{size[1]} input"
     rows = summarize(model, size)
     log.info(summary_table(rows, title))
