@@ -52,6 +52,9 @@ def build_tasks(cfg: DictConfig) -> dict[str, Task]:
         raise UserError("no task selected: choose some, e.g. tasks=[segmentation,depth]")
     tasks = {}
     for name in cfg.tasks:
+        if "_target_" not in cfg.tasks[name]:
+            raise UserError(f"tasks.{name} has settings but no task config (a preset sets it, and tasks=[...] left the "
+                            f"task out): drop them too with ~tasks.{name}, or select the task")
         try:
             OmegaConf.to_container(cfg.tasks[name], resolve=True)
         except (InterpolationKeyError, InterpolationResolutionError) as e:
@@ -100,6 +103,10 @@ def build_dataset(cfg: DictConfig, split: str) -> Dataset:
 
 
 def build_one(data: DictConfig, split: str, where: str = "data") -> Dataset:
+    if OmegaConf.is_missing(data, "root"):
+        raise UserError(f"{where}.root is not set: give the folder that holds the {data.get('name', '?')} data, e.g. "
+                        f"{where}.root=/data/{data.get('name', 'dataset')} (the README's Datasets section shows "
+                        "each layout)")
     kwargs = {"split": split}
     if data.get("transforms"):
         declared = split_transforms(data.transforms, split)

@@ -91,3 +91,30 @@ class EmbeddingHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor], size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         embedding = unit_vectors(self.embed(features))
         return {"embedding": embedding, "cosine": embedding @ unit_vectors(self.centres).T}
+
+
+class ASPPHead(nn.Module):
+    """DeepLabv3's head for a dense task, as LibMTL and later papers put one per task on a dilated ResNet-50:
+    torchvision's ASPP over the coarsest map, a 3x3 conv-BN-ReLU and a 1x1 conv to `out_channels`, upsampled
+    bilinearly to `size` (the input's); with `normalize`, L2-normalised per pixel (surface normals).
+
+    `rates` are the atrous rates at output stride 8 (DeepLabv3's 12, 24, 36); on a map of stride s they are scaled
+    by 8/s (6, 12, 18 at 16, DeepLab's own choice there), so that the head sees the same image context whatever
+    the backbone's stride. `width` is the ASPP's channel count (256 in DeepLab).
+    """
+
+    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], out_channels: int, width: int = 256,
+                 rates: Sequence[int] = (12, 24, 36), normalize: bool = False):
+        super().__init__()
+        from torchvision.models.segmentation.deeplabv3 import ASPP  # here: the head was appended to this file
+
+        scaled = [max(1, round(rate * 8 / strides[-1])) for rate in rates]
+        self.aspp = ASPP(in_channels[-1], scaled, width)
+        self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True), nn.Conv2d(width, out_channels, 1))
+        self.normalize = normalize
+
+    def forward(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        x = self.fuse(self.aspp(features[-1]))
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+        return unit_vectors(x) if self.normalize else x
