@@ -147,12 +147,16 @@ class ArcFaceLoss(nn.Module):
 
     With ``theta`` the angle between an embedding and its class centre, the target class's logit becomes
     ``s * cos(theta + m)`` and every other class's stays ``s * cos(theta_j)``; then cross-entropy, the mean over
-    the samples whose label is not ``ignore_index``. Beyond ``theta = pi - m``, ``cos(theta + m)`` would grow
+    the samples whose label is a trained class. Beyond ``theta = pi - m``, ``cos(theta + m)`` would grow
     again with ``theta``, rewarding a worse embedding; there the paper's code uses ``cos(theta) - m sin(m)``
     instead, which keeps decreasing. With ``easy_margin`` the margin applies only where ``cos(theta) > 0``.
 
     ``pred``: the head's dict (its ``"cosine"`` ``[B, C]`` is used) or the cosines themselves; ``target``: int
     ``[B]`` class indices. Computed in float32 whatever the autocast precision.
+
+    Skipped: labels equal to ``ignore_index``, and labels ``>= C``: identities unseen in training (the face
+    datasets give the val/test identities, disjoint from train's, the labels C, C+1, ...), which have no class
+    centre to score against. Any other negative label is an error of the data.
     """
 
     def __init__(self, scale: float = 30.0, margin: float = 0.5, easy_margin: bool = False,
@@ -168,7 +172,12 @@ class ArcFaceLoss(nn.Module):
         if cosine.dim() != 2 or target.shape != cosine.shape[:1]:
             raise UserError(f"identity cosines have shape {list(cosine.shape)} and labels {list(target.shape)}; "
                             "expected [B, num_classes] and [B]")
-        labelled = target != self.ignore_index
+        ignored = (target == self.ignore_index) if self.ignore_index is not None else torch.zeros_like(
+            target, dtype=torch.bool)
+        if (~ignored & (target < 0)).any():  # one host sync per step: a gather of a negative index would crash
+            raise UserError(f"identity labels must be class indices >= 0 or the ignore value {self.ignore_index}, "
+                            f"got {sorted(set(target[~ignored & (target < 0)].tolist()))[:5]}")
+        labelled = ~ignored & (target < cosine.shape[1])  # labels >= C: unseen identities, no centre to score
         label = torch.where(labelled, target, 0).long()[:, None]
         cos_t = cosine.gather(1, label)
         sin_t = (1 - cos_t * cos_t).clamp_min(1e-7).sqrt()  # the clamp keeps sqrt's gradient finite at |cos| = 1

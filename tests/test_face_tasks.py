@@ -150,8 +150,54 @@ def test_identification_accuracy_is_the_argmax_of_cosines_over_labelled_samples(
     metric.update({"cosine": _t([[0.9, 0.1, 0.0], [0.2, 0.1, 0.7]])}, torch.tensor([0, 1]))  # right, wrong
     metric.update({"cosine": _t([[0.1, 0.8, 0.0], [0.3, 0.2, 0.1], [0.0, 0.0, 0.5]])}, torch.tensor([1, 2, -1]))
     assert metric.compute()["id_acc"].item() == pytest.approx(2 / 4)  # right, wrong, ignored
-    with pytest.raises(UserError, match="unseen identities"):
-        IdentificationAccuracy().update(_t([[0.1, 0.9]]), torch.tensor([2]))
+    with pytest.raises(UserError, match="-3"):
+        IdentificationAccuracy().update(_t([[0.1, 0.9]]), torch.tensor([-3]))
+
+
+# The face datasets label the train split's identities 0..C-1 and every other (unseen) identity C, C+1, ...
+SEEN_AND_UNSEEN = np.array([0, 4, 2, -1, 3, 1, 7, 2])  # C = 3 classes: 4, 3 and 7 are unseen, -1 is ignored
+
+
+def test_arcface_loss_over_seen_and_unseen_identities_is_the_loss_over_the_seen_ones():
+    cosine = np.random.default_rng(8).uniform(-1, 1, size=(len(SEEN_AND_UNSEEN), 3)).astype(np.float32)
+    seen = (SEEN_AND_UNSEEN >= 0) & (SEEN_AND_UNSEEN < 3)
+    cos = _t(cosine).requires_grad_()
+    loss = ArcFaceLoss(scale=8.0, margin=0.3)(cos, torch.tensor(SEEN_AND_UNSEEN))
+    only_seen = ArcFaceLoss(scale=8.0, margin=0.3)(_t(cosine[seen]), torch.tensor(SEEN_AND_UNSEEN[seen]))
+    assert loss.item() == pytest.approx(only_seen.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(_arcface_by_hand(cosine[seen], SEEN_AND_UNSEEN[seen], 8.0, 0.3), rel=1e-5)
+    loss.backward()
+    assert (cos.grad[torch.from_numpy(~seen)] == 0).all() and (cos.grad[torch.from_numpy(seen)] != 0).any()
+    unseen_only = ArcFaceLoss()(torch.rand(2, 3, requires_grad=True), torch.tensor([3, 9]))
+    assert unseen_only.item() == 0 and unseen_only.requires_grad
+    with pytest.raises(UserError, match="-2"):
+        ArcFaceLoss()(torch.rand(2, 3), torch.tensor([0, -2]))
+
+
+def test_identification_accuracy_scores_the_seen_identities_only():
+    cosine = _t([[0.9, 0.1, 0.0], [0.8, 0.1, 0.1], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4], [0.1, 0.2, 0.1],
+                 [0.0, 0.1, 0.9], [0.5, 0.2, 0.1], [0.0, 0.9, 0.1]])
+    metric = IdentificationAccuracy(ignore_index=-1)
+    metric.update({"cosine": cosine}, torch.tensor(SEEN_AND_UNSEEN))
+    # seen rows: 0 (label 0, argmax 0: right), 2 (2, 2: right), 5 (1, 2: wrong), 7 (2, 1: wrong)
+    assert metric.compute()["id_acc"].item() == pytest.approx(2 / 4)
+    unseen = IdentificationAccuracy()
+    unseen.update({"cosine": cosine[:2]}, torch.tensor([3, 5]))
+    assert unseen.compute()["id_acc"].isnan()  # a split of unseen people only: verification is the measure
+
+
+def test_verification_pairs_unseen_identities_like_any_other():
+    rng = np.random.default_rng(9)
+    embeddings = rng.normal(size=(len(SEEN_AND_UNSEEN), 5))
+    embeddings[6] = embeddings[1] + 0.1  # unseen 4 and 7: nearly the same embedding, yet different people
+    metric = VerificationMetrics(ignore_index=-1)
+    metric.update({"embedding": _t(embeddings)}, torch.tensor(SEEN_AND_UNSEEN))
+    out = metric.compute()
+    keep = SEEN_AND_UNSEEN != -1
+    e = embeddings[keep] / np.linalg.norm(embeddings[keep], axis=1, keepdims=True)
+    y = SEEN_AND_UNSEEN[keep]
+    i, j = np.triu_indices(len(y), k=1)
+    assert out["verif_auc"].item() == pytest.approx(roc_auc_score(y[i] == y[j], (e[i] * e[j]).sum(1)), abs=1e-5)
 
 
 def _brute_force_best_balanced_accuracy(scores, positive):

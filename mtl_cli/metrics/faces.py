@@ -5,7 +5,8 @@ a dict ``name -> 0-dim float tensor``, and ``higher_is_better`` gives the direct
 to score (no update, or nothing labelled) the values are NaN rather than an error.
 
 Missing labels: a landmark target with any non-finite coordinate (NaN marks a missing sample); an identity
-label equal to ``ignore_index``; an attribute entry equal to ``ignore_index`` (-1: unknown).
+label equal to ``ignore_index``; an attribute entry equal to ``ignore_index`` (-1: unknown). Identity labels
+``>= num_classes`` are people unseen in training: identification skips them, verification pairs them.
 """
 
 from __future__ import annotations
@@ -95,9 +96,10 @@ class IdentificationAccuracy(Metric):
     """Closed-set identification: the fraction of labelled samples whose most similar class centre (argmax of the
     head's ``"cosine"`` ``[B, C]``) is their identity.
 
-    Meaningful only when the split's identities are among the training classes (digit_scenes); on splits of
-    unseen identities (CelebA's standard splits) use :class:`VerificationMetrics` alone: a label outside
-    ``[0, C)`` is an error.
+    Only the identities among the training classes are scored: labels ``>= C`` are identities unseen in
+    training (the face datasets give the val/test identities, disjoint from train's on CelebA and LFW, the
+    labels C, C+1, ...) and are skipped, so on such a split the value is NaN and :class:`VerificationMetrics`
+    is the measure. A negative label other than ``ignore_index`` is an error.
     """
 
     higher_is_better = {"id_acc": True}
@@ -116,11 +118,11 @@ class IdentificationAccuracy(Metric):
             raise UserError(f"identity cosines have shape {list(cosine.shape)} and labels {list(target.shape)}; "
                             "expected [B, num_classes] and [B]")
         keep = _known(target, self.ignore_index)
+        if (keep & (target < 0)).any():
+            raise UserError(f"identification accuracy: identity labels must be class indices >= 0 or the ignore "
+                            f"value {self.ignore_index}, got {sorted(set(target[keep & (target < 0)].tolist()))[:5]}")
+        keep &= target < cosine.shape[1]  # labels >= C: identities unseen in training, left to verification
         labels, cosine = target[keep], cosine[keep]
-        if labels.numel() and (labels.min() < 0 or labels.max() >= cosine.shape[1]):
-            raise UserError(f"identification accuracy: labels {int(labels.min())}..{int(labels.max())} are not all "
-                            f"among the {cosine.shape[1]} trained identities; on a split of unseen identities use "
-                            "the verification metrics alone")
         self.correct += (cosine.argmax(1) == labels).sum()
         self.count += labels.numel()
 
