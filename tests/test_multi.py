@@ -91,11 +91,11 @@ def test_task_assignment_errors():
                                (["data.tasks.counts=[count,depth]"], "two members"),
                                (["~data.tasks"], "needs members")]:
         with pytest.raises(UserError, match=message):
-            resolve_data(compose_cfg(["data=multi", *overrides]))
+            resolve_data(compose_cfg(["experiment=digits_multi", *overrides]))
 
 
 def test_each_batch_trains_the_tasks_of_its_member():
-    cfg = resolve_data(compose_cfg(["data=multi", *TINY_MULTI, "data.batch_size=4"]))
+    cfg = resolve_data(compose_cfg(["experiment=digits_multi", *TINY_MULTI, "data.batch_size=4"]))
     tasks = build_tasks(cfg)
     loader = build_loader(cfg, build_dataset(cfg, "train"), shuffle=torch.Generator().manual_seed(0))
     present = [tuple(name for name, task in tasks.items() if task.has_target(batch)) for batch in loader]
@@ -124,7 +124,7 @@ def test_a_missing_label_gives_the_loss_of_the_batch_without_that_sample():
 
 
 def test_a_mixed_run_trains_and_reports_every_task_and_delta_m(tmp_path):
-    result = mtl("train", "data=multi", *TINY_MULTI, "data.batch_size=8", "data.sampling=proportional",
+    result = mtl("train", "experiment=digits_multi", *TINY_MULTI, "data.batch_size=8", "data.sampling=proportional",
                  "trainer.max_epochs=2", "trainer.progress=plain", "logger.log_every=1",
                  "baselines={segmentation: {miou: 0.1}, count: {mae: 1.0}}", cwd=tmp_path)
     (run_dir,) = run_dirs(tmp_path / "outputs")

@@ -46,6 +46,12 @@ class MultiDataset(Dataset):
     def __len__(self) -> int:
         return self.offsets[-1]
 
+    @property
+    def facts(self) -> dict:
+        """The members' facts decided by their train splits (class maps, identity counts), for adopt_facts."""
+        facts = {name: getattr(member, "facts", None) for name, member in zip(self.names, self.members)}
+        return {"members": {name: value for name, value in facts.items() if value}}
+
     def member_of(self, index: int) -> int:
         return bisect.bisect_right(self.offsets, index) - 1
 
