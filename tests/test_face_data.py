@@ -15,12 +15,14 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from test_cli import mtl, run_dirs
-from test_configs import compose_cfg, one_thread  # noqa: F401 (autouse: tiny tensors, one thread)
+from test_configs import compose_cfg
 
 from mtl_cli.build import adopt_facts, build_dataset, build_model, build_tasks, resolve_data
 from mtl_cli.data.collate import collate
 from mtl_cli.data.files import BadSample
 from mtl_cli.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors, one thread
 
 TINY_RUN = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
             "data.batch_size=2", "backbone=small_cnn", "trainer.progress=plain"]
@@ -282,3 +284,23 @@ def test_celeba_and_lfw_serve_as_members_of_data_multi(celeba, lfw):
     count = dataset.members[1].facts["targets"]["identity"]["num_classes"]
     cfg = adopt_facts(cfg, dataset)
     assert cfg.data.members.people.targets.identity.num_classes == cfg.data.targets.identity.num_classes == count
+
+
+def test_a_mixed_run_of_celeba_and_lfw_trains_every_task_and_reports_delta_m(tmp_path, celeba, lfw):
+    """data=multi with two real datasets through the installed script, in the README's form: each task from its
+    own dataset, per-task metrics, and delta_m against baselines."""
+    result = mtl("train", "data=multi", "+data@data.members.faces=celeba", f"data.members.faces.root={celeba[0]}",
+                 "+data@data.members.people=lfw", f"data.members.people.root={lfw}",
+                 "data.members.people.image_size=[32,32]", "+data.tasks={faces: [attributes, landmarks], "
+                 "people: [identity]}", "tasks=[attributes,landmarks,identity]", "data.sampling=temperature",
+                 "baselines={attributes: {mean_acc: 0.5}, landmarks: {nme: 1.0}}",
+                 *[arg for arg in TINY_RUN if "limit_val" not in arg], cwd=tmp_path)  # validate every member
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    report = json.loads((run_dir / "metrics.json").read_text())
+    final = report["final"]["metrics"]
+    assert set(final) == {"attributes", "landmarks", "identity"}
+    expected = 100 * ((final["attributes"]["mean_acc"] - 0.5) / 0.5 - (final["landmarks"]["nme"] - 1.0)) / 2
+    assert report["final"]["delta_m"] == pytest.approx(expected, rel=1e-6)
+    assert "delta_m % ↑" in result.stdout
+    saved = OmegaConf.load(run_dir / "config.yaml")  # lfw's own identity count, not the YAML's placeholder
+    assert saved.data.targets.identity.num_classes == len(LFW_TRAIN)

@@ -14,12 +14,14 @@ import pytest
 import torch
 from PIL import Image
 from test_cli import mtl, run_dirs
-from test_configs import compose_cfg, one_thread  # noqa: F401 (autouse: tiny tensors, one thread)
+from test_configs import compose_cfg
 
 from mtl_cli.build import build_dataset, build_model, build_tasks
 from mtl_cli.data.collate import collate
 from mtl_cli.data.files import BadSample
 from mtl_cli.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors, one thread
 
 PET, BACKGROUND, BOUNDARY = (220, 30, 30), (30, 30, 220), (30, 220, 30)  # the colour of each trimap value 1, 2, 3
 # list-file lines "Image CLASS-ID SPECIES BREED-ID" (ids from 1; species 1 cat, 2 dog), sizes (W, H) <= 32x48
