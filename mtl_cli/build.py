@@ -89,7 +89,8 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer):
 
 def build_delta(cfg: DictConfig, tasks: dict[str, Task]) -> DeltaM | None:
     """val/delta_m against the single-task baselines of the config, if any are given."""
-    baselines = OmegaConf.to_container(cfg.baselines, resolve=True) if cfg.get("baselines") else None
+    baselines = cfg.get("baselines")
+    baselines = OmegaConf.to_container(baselines, resolve=True) if OmegaConf.is_config(baselines) else baselines
     runs = list(cfg.get("baselines_from") or [])
     directions = {name: task.directions() for name, task in tasks.items()}
     return build_delta_m(baselines, runs, directions, str(cfg.get("delta_m_average", "metrics")))
@@ -123,11 +124,15 @@ def build_multi(cfg: DictConfig, split: str) -> Dataset:
     return call(instantiate(cfg.data.dataset, "data.dataset"), "data.dataset", members=members, keys=keys)
 
 
-def member_view(cfg: DictConfig, member: str) -> DictConfig:
-    """The config as member `member` of data=multi sees it: its data config in the place of `data`, so that its
-    own interpolations (`${data.root}`, `${data.image_size}`) read the member's values."""
+def member_view(cfg: DictConfig, member: str, tasks=None) -> DictConfig:
+    """The config as member `member` of data=multi sees it: its data config in the place of `data` (so that its
+    own interpolations, `${data.root}`, `${data.image_size}`, read the member's values) and, given `tasks`, only
+    those tasks in `tasks`."""
     view = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     view.data = OmegaConf.to_container(cfg.data.members[member], resolve=False)
+    if tasks is not None:
+        view.tasks = {task: OmegaConf.to_container(cfg.tasks[task], resolve=False) for task in tasks
+                      if task in cfg.get("tasks", {})}
     return view
 
 
@@ -138,11 +143,46 @@ def target_keys(targets: DictConfig, tasks) -> list[str]:
 
 
 def resolve_data(cfg: DictConfig) -> DictConfig:
-    """`data: multi`: data.targets becomes the targets each task's member provides (data.tasks says which member
-    serves which task), so that the task configs read them as they read any dataset's."""
+    """`data: multi`: each member's config is resolved in its own place (see member_view), and data.targets
+    becomes the targets each task's member provides (data.tasks says which member serves which task), so that
+    the task configs read them as they read any dataset's."""
     data = cfg.data
     if data.get("members") is None:
         return cfg
+    if not data.get("members") or not data.get("tasks"):
+        raise UserError("data=multi needs members and the tasks each serves, e.g. +data@data.members.faces=celeba "
+                        "data.members.faces.root=/data/celeba +data.tasks.faces=[attributes]")
+    idle = [member for member in data.members if member not in data.tasks]
+    if idle:
+        raise UserError(f"data member {idle[0]!r} serves no task: give it some (+data.tasks.{idle[0]}=[...]) or "
+                        f"remove it (~data.members.{idle[0]})")
+    targets, owners = {}, {}
+    for member, tasks in data.tasks.items():
+        if member not in data.members:
+            raise UserError(f"data.tasks names the member {member!r}, which data.members lacks (it has: "
+                            f"{', '.join(data.members)})")
+        try:
+            resolved = OmegaConf.to_container(member_view(cfg, member, tasks).data, resolve=True)
+        except (InterpolationKeyError, InterpolationResolutionError) as e:
+            raise UserError(f"data member {member!r}: {str(e).splitlines()[0]}") from None
+        provided = resolved.get("targets") or {}
+        for task in tasks:
+            if task not in provided:
+                raise UserError(f"data.tasks assigns task {task!r} to member {member!r}, whose data "
+                                f"{resolved.get('name', '?')!r} does not provide it (it provides: "
+                                f"{', '.join(provided)})")
+            if task in targets:
+                raise UserError(f"data.tasks assigns task {task!r} to two members; give each task one member")
+            targets[task] = provided[task]
+        for key in target_keys(provided, tasks):
+            if owners.setdefault(key, member) != member:
+                raise UserError(f"members {owners[key]!r} and {member!r} both give their tasks the batch entry "
+                                f"{key!r}, so each would train the other's task: give each task one member")
+        with open_dict(cfg):
+            cfg.data.members[member] = resolved
+    with open_dict(cfg):
+        cfg.data.targets = targets
+    return cfg
     if not data.get("members") or not data.get("tasks"):
         raise UserError("data=multi needs members and the tasks each serves, e.g. +data@data.members.faces=celeba "
                         "data.members.faces.root=/data/celeba +data.tasks.faces=[attributes]")

@@ -83,8 +83,7 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
     logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
     log.info(f"run dir: {run_dir}\ndevice: {device}, tasks: {', '.join(tasks)}, weighting: "
              f"{type(weighting).__name__}")
-    first = next(s for s in map(train_set.__getitem__, range(len(train_set))) if s)  # not a skipped bad file
-    size = tuple(first["image"].shape[-2:])
+    size = input_size(train_set)
     title = f"model: {type(model).__name__}, {cfg.backbone.get('name', 'small_cnn')}, {size[0]}x{size[1]} input"
     rows = summarize(model, size)
     log.info(summary_table(rows, title))
@@ -154,6 +153,8 @@ def train_epoch(model: nn.Module, tasks: dict[str, Task], weighting: Weighting, 
             outputs = model.decode(cut.leaves, batch["image"].shape[-2:])
             losses = {name: task.loss(*task.select(outputs[name], batch))
                       for name, task in tasks.items() if task.has_target(batch)}
+        if not losses:  # no sample of this batch has a label of any task: nothing to learn from it
+            continue
         optimizer.zero_grad(set_to_none=True)
         logged = (step + 1) % logger.log_every == 0
         logs = weighting.backward(losses, model, scaler, cut, log_grads=logged, measure=logged and conflicts)
@@ -227,6 +228,16 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([int(seed), epoch]).generate_state(1)[0])
 
 
+def input_size(dataset) -> tuple[int, int]:
+    """The image size of the first sample that is not a skipped bad file; its random augmentation draws from a
+    forked generator, so that the run's random stream (and an exact resume) does not depend on this look."""
+    with torch.random.fork_rng(devices=[]):
+        first = next((s for s in map(dataset.__getitem__, range(len(dataset))) if s), None)
+    if first is None:
+        raise UserError("every sample of the train split is bad (data.skip_bad=true skipped them all)")
+    return tuple(first["image"].shape[-2:])
+
+
 def check_batch(tasks: dict[str, Task], batch: dict) -> None:
     """On the first batch: every task's target is in the data, and its labels fit the task's class count.
     (With several datasets a batch holds the targets of one of them: data.tasks was checked instead.)"""
@@ -273,7 +284,8 @@ class Monitor:
         self.mode = mode if mode != "auto" else ("max" if directions[name] else "min")
 
     def value(self, results: dict) -> float:
-        return flatten(results)[self.name]
+        """The monitored value; NaN when validation did not compute it (trainer.limit_val_batches cut it off)."""
+        return flatten(results).get(self.name, math.nan)
 
     def improved(self, results: dict, best: float | None) -> bool:
         value = self.value(results)

@@ -233,3 +233,16 @@ def test_overriding_the_model_of_a_checkpoint_is_a_user_error(trained, tmp_path)
     result = mtl("eval", f"ckpt={trained / 'checkpoints' / 'best.pt'}", "backbone=resnet18", cwd=tmp_path,
                  check=False)
     assert result.returncode == 2 and "does not fit" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_with_random_augmentation_matches_a_straight_run(tmp_path):
+    """The random transforms draw from the restored generator only (in one process: data.num_workers=0)."""
+    flip = "data.transforms.train=[{_target_: torchvision.transforms.v2.RandomHorizontalFlip}]"
+    args = [*TINY, "logger=console", flip]
+    mtl("train", *args, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
+    mtl("train", *args, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'short'}", cwd=tmp_path)
+    mtl("train", f"resume={tmp_path / 'short' / 'checkpoints' / 'last.pt'}", "trainer.max_epochs=2",
+        f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path)
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(tensor, b["model"][name]) for name, tensor in a["model"].items())

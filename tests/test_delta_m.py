@@ -101,3 +101,15 @@ def test_val_delta_m_through_train_and_eval(tmp_path):
 def test_monitoring_delta_m_without_baselines_says_what_is_missing(tmp_path):
     result = mtl("train", *TINY, "trainer.monitor=val/delta_m", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "needs baselines or baselines_from" in result.stderr
+
+
+def test_malformed_baselines_and_a_unit_slip_are_reported(caplog):
+    for baselines in ([1], {"segmentation": {}}, {"segmentation": 0.38}):
+        with pytest.raises(UserError, match="must map each task to its metrics"):
+            DeltaM(baselines, DIRECTIONS)
+        with pytest.raises(UserError, match="must map each task to its metrics"):
+            build_delta_m(baselines, [], DIRECTIONS)
+    delta = DeltaM({"segmentation": {"miou": 38.30}}, DIRECTIONS)  # a percentage for a fraction
+    with caplog.at_level("WARNING", logger="mtl"):
+        delta({"segmentation": {"miou": 0.40}})
+    assert "baselines.segmentation.miou=38.3 is far from this run's 0.4" in caplog.text

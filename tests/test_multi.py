@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 from test_cli import mtl, run_dirs, scalar_tags
-from test_configs import compose_cfg
+from omegaconf import OmegaConf
+from test_configs import CONFIGS, compose_cfg
 from torch.utils.data import Dataset
 
 from mtl_cli.build import build_dataset, build_loader, build_tasks, resolve_data
@@ -82,7 +83,8 @@ def test_members_keep_the_keys_of_their_tasks_and_validation_visits_every_sample
     assert set(dataset[0]) == {"image", "a"} and set(dataset[5]) == {"image", "b"}
     batches = list(dataset.batch_sampler(3, None))
     assert sorted(i for b in batches for i in b) == list(range(12))
-    assert [len(b) for b in batches] == [3, 2, 3, 3, 1]
+    assert [len(b) for b in batches] == [3, 3, 2, 3, 1]  # the members in turn: 0, 1, 0, 1, 1
+    assert [dataset.member_of(b[0]) for b in batches] == [0, 1, 0, 1, 1]
 
 
 def test_task_assignment_errors():
@@ -136,3 +138,27 @@ def test_a_mixed_run_trains_and_reports_every_task_and_delta_m(tmp_path):
     tags = scalar_tags(run_dir)
     assert {"val/delta_m", "train/weight/count", "train/weight/segmentation", "val/count/mae"} <= tags
     assert "delta_m leaves out the tasks without a baseline: depth, normals" in result.stdout
+
+
+DATA_OPTIONS = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml") if p.stem != "multi")
+
+
+@pytest.mark.parametrize("option", DATA_OPTIONS)
+def test_every_data_option_can_be_a_member_with_its_own_interpolations(option):
+    """A member's `${data.root}`, `${data.image_size}`, `${oc.dict.keys:tasks}` read the member's own config and
+    tasks: the whole config then resolves (as config.yaml is written) with the member's values."""
+    targets = OmegaConf.load(CONFIGS / "data" / f"{option}.yaml").targets
+    task = next(t for t in targets if (CONFIGS / "tasks" / f"{t}.yaml").exists())
+    other = "depth" if task != "depth" else "normals"
+    cfg = compose_cfg(["data=multi", f"+data@data.members.mine={option}", "+data.members.mine.root=/data/mine",
+                       "+data@data.members.scenes=digit_scenes", f"+data.tasks={{mine: [{task}], scenes: [{other}]}}",
+                       f"tasks=[{task},{other}]"])
+    cfg = resolve_data(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    member = resolved["data"]["members"]["mine"]
+    if "root" in member["dataset"]:
+        assert member["dataset"]["root"] == "/data/mine"
+    if "tasks" in member["dataset"]:  # data=folder reads the columns of its own tasks only
+        assert member["dataset"]["tasks"] == [task]
+    assert resolved["data"]["targets"][task] == member["targets"][task]
+    assert resolved["data"]["targets"][other] == resolved["data"]["members"]["scenes"]["targets"][other]

@@ -201,3 +201,14 @@ def test_a_rotation_with_normals_is_a_user_error():
 def test_scales_below_1_are_refused():
     with pytest.raises(UserError, match="scales"):
         RandomScaleCrop(scales=[0.5, 1.0])
+
+
+def test_colour_transforms_change_the_image_only():
+    torch.manual_seed(0)
+    image, normals, depth = torch.rand(3, 8, 12), torch.randn(3, 8, 12), torch.rand(1, 8, 12) + 1
+    sample = {"image": tv_tensors.Image(image), "normals": Normals(normals), "depth": Depth(depth)}
+    out = v2.Compose([v2.ColorJitter(0.5, 0.5, 0.5, 0.1), v2.RandomGrayscale(1.0),
+                      v2.Normalize([0.5, 0.5, 0.5], [0.2, 0.2, 0.2])])(sample)
+    assert not torch.allclose(out["image"], image)
+    assert torch.equal(out["normals"], normals) and torch.equal(out["depth"], depth)
+    assert type(out["normals"]) is Normals and type(out["depth"]) is Depth

@@ -7,7 +7,7 @@ Which member gives the next training batch is the sampling strategy's choice:
 - `temperature`: at random, with probability proportional to size^(1/tau) (tau = 1 is proportional, a large
   tau tends to uniform; the smoothing of multilingual and multi-task NLP).
 An epoch is as many batches as the members hold together; a member that runs out within an epoch is reshuffled
-and goes on. Validation goes through every member once, in order.
+and goes on. Validation goes through every member once, the members in turn.
 """
 
 from __future__ import annotations
@@ -87,10 +87,11 @@ class MemberBatches(Sampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         offsets, sizes = self.dataset.offsets, self.dataset.sizes
-        if self.shuffle is None:
-            for m, size in enumerate(sizes):
-                for start in range(0, size, self.batch_size):
-                    yield [offsets[m] + i for i in range(start, min(start + self.batch_size, size))]
+        if self.shuffle is None:  # the members in turn, so that trainer.limit_val_batches still sees each
+            members = [[[offsets[m] + i for i in range(start, min(start + self.batch_size, size))]
+                        for start in range(0, size, self.batch_size)] for m, size in enumerate(sizes)]
+            for turn in itertools.zip_longest(*members):
+                yield from (batch for batch in turn if batch is not None)
             return
         streams = [self.stream(m) for m in range(len(sizes))]
         for m in self.order():

@@ -30,8 +30,20 @@ class Depth(tv_tensors.Mask):
     """Depth [1, H, W] (metres, 0 = invalid): moved like a mask (nearest), divided by the zoom of a crop."""
 
 
-class Normals(tv_tensors.Image):
-    """Surface normals [3, H, W] (unit vectors, all-zero = invalid): resized like an image, flips negate x or y."""
+class Normals(tv_tensors.TVTensor):
+    """Surface normals [3, H, W] (unit vectors, all-zero = invalid): cropped, padded and resized (bilinear) like an
+    image, flips negate x or y; colour transforms (jitter, normalisation, grayscale) leave them alone."""
+
+
+def _like_image(kernel):
+    def normals_kernel(normals: Normals, *args, **kwargs):
+        return tv_tensors.wrap(kernel(normals.as_subclass(torch.Tensor), *args, **kwargs), like=normals)
+    return normals_kernel
+
+
+for _functional, _kernel in ((F.resize, F.resize_image), (F.crop, F.crop_image), (F.center_crop, F.center_crop_image),
+                             (F.resized_crop, F.resized_crop_image), (F.pad, F.pad_image)):
+    F.register_kernel(_functional, Normals)(_like_image(_kernel))
 
 
 @F.register_kernel(F.resized_crop, Depth)

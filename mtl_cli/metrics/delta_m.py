@@ -47,6 +47,7 @@ class DeltaM:
 
     def __init__(self, baselines: Mapping[str, Mapping[str, float]], directions: Mapping[str, Mapping[str, bool]],
                  average: str = "metrics"):
+        check_shape(baselines)
         for task, base in baselines.items():
             if task not in directions:
                 raise UserError(f"baselines name task {task!r}, which this run does not train (its tasks: "
@@ -66,7 +67,27 @@ class DeltaM:
             log.warning(f"delta_m leaves out the tasks without a baseline: {', '.join(left)}")
 
     def __call__(self, metrics: Mapping[str, Mapping[str, float]]) -> float:
+        self.check_scales(metrics)
         return delta_m(metrics, self.baselines, self.directions, self.average)
+
+    def check_scales(self, metrics: Mapping[str, Mapping[str, float]]) -> None:
+        """Warns once about a baseline 10x off its metric: most likely a percentage given for a fraction (miou and
+        pixel_acc are fractions, within_* percentages) or the other way round."""
+        if getattr(self, "_checked", False):
+            return
+        self._checked = True
+        for task, base in self.baselines.items():
+            for metric, b in base.items():
+                m = metrics.get(task, {}).get(metric)
+                if m is not None and math.isfinite(m) and m != 0 and not 0.1 <= abs(m / b) <= 10:
+                    log.warning(f"baselines.{task}.{metric}={b} is far from this run's {m:.4g}: check its unit "
+                                "(miou and pixel_acc are fractions, within_* percentages)")
+
+
+def check_shape(baselines) -> None:
+    if not isinstance(baselines, Mapping) or not all(isinstance(b, Mapping) and b for b in baselines.values()):
+        raise UserError(f"baselines={baselines!r} must map each task to its metrics' values, e.g. "
+                        "{segmentation: {miou: 0.383}, depth: {abs_err: 0.675}}")
 
 
 def baselines_from_runs(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, float]]:
@@ -96,6 +117,8 @@ def build_delta_m(baselines: Mapping | None, runs: Sequence | None, directions: 
                   average: str = "metrics") -> DeltaM | None:
     """The run's delta_m, or None when no baseline is given. Baselines from the config override those of runs;
     tasks of the runs that this run does not train are left out."""
+    if baselines is not None:
+        check_shape(baselines)
     merged = {task: values for task, values in baselines_from_runs(runs or []).items() if task in directions}
     for task, values in (baselines or {}).items():
         merged[task] = {**merged.get(task, {}), **values}
