@@ -142,11 +142,14 @@ def train_epoch(model: nn.Module, tasks: dict[str, Task], weighting: Weighting, 
     conflicts = bool(cfg.trainer.log_grad_conflicts)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    checked: set[frozenset] = set()
     samples, window_start = 0, time.perf_counter()
     for batch in batches:
-        if check_targets and cfg.data.get("members") is None:
-            check_batch(tasks, batch)
-            check_targets = False
+        if check_targets:  # once per set of tasks present (one set, or one per member of data=multi)
+            present = frozenset(name for name, task in tasks.items() if task.has_target(batch))
+            if present not in checked:
+                check_batch(tasks, batch, several=cfg.data.get("members") is not None)
+                checked.add(present)
         batch = to_device(batch, device)
         with autocast(cfg.trainer.precision, device):
             cut = FeatureCut(model.encode(batch["image"]))  # heads read leaf copies: see weighting/gradients.py
@@ -238,17 +241,17 @@ def input_size(dataset) -> tuple[int, int]:
     return tuple(first["image"].shape[-2:])
 
 
-def check_batch(tasks: dict[str, Task], batch: dict) -> None:
-    """On the first batch: every task's target is in the data, and its labels fit the task's class count.
-    (With several datasets a batch holds the targets of one of them: data.tasks was checked instead.)"""
+def check_batch(tasks: dict[str, Task], batch: dict, several: bool = False) -> None:
+    """Every task's target is in the data, and its labels fit the task's class count. With several datasets
+    (`several`) a batch holds the targets of one of them only, and data.tasks was checked instead."""
     for task in tasks.values():
-        if not task.has_target(batch) and any(PRESENT + key in batch for key in task.keys):
+        if not task.has_target(batch) and (several or any(PRESENT + key in batch for key in task.keys)):
             continue  # no sample of this batch has the label
         if not task.has_target(batch):
             keys = ", ".join(k for k in batch if k != "image")
             missing = [k for k in task.keys if k not in batch]
-            raise UserError(f"task {task.name!r} reads the target {', '.join(missing)!r}, which the data does not provide "
-                            f"(its batches hold: {keys})")
+            raise UserError(f"task {task.name!r} reads the target {', '.join(missing)!r}, which the data does not "
+                            f"provide (its batches hold: {keys})")
         task.check_targets(batch)
 
 

@@ -162,3 +162,11 @@ def test_every_data_option_can_be_a_member_with_its_own_interpolations(option):
         assert member["dataset"]["tasks"] == [task]
     assert resolved["data"]["targets"][task] == member["targets"][task]
     assert resolved["data"]["targets"][other] == resolved["data"]["members"]["scenes"]["targets"][other]
+
+
+def test_the_labels_of_every_member_are_checked_on_its_first_batch(tmp_path):
+    """The second member's first batch (round robin: the second batch) holds counts beyond the declared classes."""
+    result = mtl("train", "experiment=digits_multi", *TINY_MULTI, "data.batch_size=8", "tasks=[segmentation,count_ce]",
+                 "data.tasks.scenes=[segmentation]", "data.members.counts.targets.count.num_classes=2",
+                 cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "task 'count' predicts 2 classes" in result.stderr
