@@ -271,6 +271,8 @@ def test_train_with_the_readme_command_then_eval_with_the_saved_class_maps(folde
      ["train.csv line 5, column 'boxes'", "'nope'"]),
     (None, ["tasks=[segmentation]", "data.targets.segmentation.num_classes=null"],
      ["data.targets.segmentation.num_classes must be given"]),
+    (lambda r: (r / "train.csv").write_text(TRAIN_CSV.replace(",cat,", ",dog,")), [],
+     ["column 'label' (task 'classification') holds one class only ('dog')"]),
 ])
 def test_manifest_and_column_errors_name_what_is_wrong(folder, tmp_path, change, overrides, expected):
     root = tmp_path / "pets"

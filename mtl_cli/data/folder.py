@@ -116,6 +116,10 @@ class FolderDataset(Dataset):
         if not found:
             raise UserError(f"{train.path}: column {target.column!r} (task {target.task!r}) holds no label, so no "
                             f"class map can be built; label some rows or give data.dataset.classes.{target.task}=[...]")
+        if target.kind == "class" and len(found) == 1:
+            raise UserError(f"{train.path}: column {target.column!r} (task {target.task!r}) holds one class only "
+                            f"({found.pop()!r}): a classification needs two or more; label more rows or give "
+                            f"data.dataset.classes.{target.task}=[...]")
         return sort_names(found)
 
     def cell(self, target: Target, table: Manifest, line: int, row: Mapping[str, Any]):
