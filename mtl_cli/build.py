@@ -10,10 +10,11 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from mtl_cli.data.collate import collate
 from mtl_cli.data.files import SkipBad
+from mtl_cli.data.seeding import SeededBatches, SeededSamples
 from mtl_cli.data.transforms import compose, split_transforms
 from mtl_cli.errors import UserError
 from mtl_cli.metrics.delta_m import DeltaM, build_delta_m
@@ -208,19 +209,24 @@ def build_loader(cfg: DictConfig, dataset: Dataset, shuffle: torch.Generator | N
                  ) -> DataLoader:
     """Batches of `dataset`; shuffled by `shuffle` (a generator the caller seeds per epoch) if given.
 
-    Worker processes get their seeds from a generator of their own, so the shuffle generator is used by the
-    sampler alone and an epoch's order depends on its seed only (an exact resume, with workers too)."""
+    With `shuffle`, the order of an epoch and the random augmentation of each of its samples depend on the
+    generator's seed alone (SeededSamples), not on which worker process loads a sample or what it loaded before:
+    a resume is exact with workers and random transforms too."""
     workers, batch_size = int(cfg.data.num_workers), int(cfg.data.batch_size)
     if batch_size < 1 or workers < 0:
         raise UserError(f"data.batch_size={batch_size} and data.num_workers={workers}: the batch size must be at "
                         "least 1 and the number of workers at least 0")
-    if hasattr(dataset, "batch_sampler"):  # several datasets: each batch from one of them
-        loader = {"batch_sampler": dataset.batch_sampler(batch_size, shuffle)}
+    loader = {"num_workers": workers, "collate_fn": collate, "persistent_workers": workers > 0, "pin_memory": pin,
+              "generator": torch.Generator().manual_seed(int(cfg.seed))}
+    if shuffle is None:
+        if hasattr(dataset, "batch_sampler"):  # several datasets: each batch from one of them
+            return DataLoader(dataset, batch_sampler=dataset.batch_sampler(batch_size, None), **loader)
+        return DataLoader(dataset, batch_size=batch_size, **loader)
+    if hasattr(dataset, "batch_sampler"):
+        batches = dataset.batch_sampler(batch_size, shuffle)
     else:
-        sampler = RandomSampler(dataset, generator=shuffle) if shuffle is not None else None
-        loader = {"batch_size": batch_size, "sampler": sampler, "drop_last": shuffle is not None}
-    return DataLoader(dataset, **loader, num_workers=workers, collate_fn=collate, generator=torch.Generator().manual_seed(int(cfg.seed)),
-                      persistent_workers=workers > 0, pin_memory=pin)
+        batches = BatchSampler(RandomSampler(dataset, generator=shuffle), batch_size, drop_last=True)
+    return DataLoader(SeededSamples(dataset), batch_sampler=SeededBatches(batches, shuffle), **loader)
 
 
 def adopt_facts(cfg: DictConfig, dataset: Dataset) -> DictConfig:

@@ -235,10 +235,11 @@ def test_overriding_the_model_of_a_checkpoint_is_a_user_error(trained, tmp_path)
     assert result.returncode == 2 and "does not fit" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_resume_with_random_augmentation_matches_a_straight_run(tmp_path):
-    """The random transforms draw from the restored generator only (in one process: data.num_workers=0)."""
+def test_resume_with_random_augmentation_in_workers_matches_a_straight_run(tmp_path):
+    """Each sample is augmented with a seed of its own, drawn from the epoch's shuffle generator: which worker loads
+    it, and what that worker loaded before, change nothing."""
     flip = "data.transforms.train=[{_target_: torchvision.transforms.v2.RandomHorizontalFlip}]"
-    args = [*TINY, "logger=console", flip]
+    args = [*TINY, "logger=console", flip, "data.num_workers=2"]
     mtl("train", *args, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
     mtl("train", *args, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'short'}", cwd=tmp_path)
     mtl("train", f"resume={tmp_path / 'short' / 'checkpoints' / 'last.pt'}", "trainer.max_epochs=2",

@@ -10,9 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import BatchSampler, SequentialSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from mtl_cli.data.seeding import SeededBatches, SeededSamples
 from mtl_cli.data.transforms import Depth, Normals, RandomScaleCrop
 from mtl_cli.errors import UserError
 
@@ -212,3 +214,23 @@ def test_colour_transforms_change_the_image_only():
     assert not torch.allclose(out["image"], image)
     assert torch.equal(out["normals"], normals) and torch.equal(out["depth"], depth)
     assert type(out["normals"]) is Normals and type(out["depth"]) is Depth
+
+
+def test_a_seeded_sample_is_augmented_the_same_whatever_was_loaded_before():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"image": torch.rand(3)}  # the random draw stands for a random transform
+
+    batches = list(SeededBatches(BatchSampler(SequentialSampler(range(4)), 2, False), torch.Generator().manual_seed(5)))
+    again = list(SeededBatches(BatchSampler(SequentialSampler(range(4)), 2, False), torch.Generator().manual_seed(5)))
+    assert batches == again and len({seed for batch in batches for _, seed in batch}) == 4
+    samples = SeededSamples(Noisy())
+    state = torch.get_rng_state()
+    forward = [samples[item]["image"] for batch in batches for item in batch]
+    backward = [samples[item]["image"] for batch in reversed(batches) for item in reversed(batch)]
+    assert all(torch.equal(a, b) for a, b in zip(forward, reversed(backward)))
+    assert not torch.equal(forward[0], forward[1])  # each sample its own seed
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is untouched
