@@ -184,25 +184,6 @@ def resolve_data(cfg: DictConfig) -> DictConfig:
     with open_dict(cfg):
         cfg.data.targets = targets
     return cfg
-    if not data.get("members") or not data.get("tasks"):
-        raise UserError("data=multi needs members and the tasks each serves, e.g. +data@data.members.faces=celeba "
-                        "data.members.faces.root=/data/celeba +data.tasks.faces=[attributes]")
-    targets = {}
-    for member, tasks in data.tasks.items():
-        if member not in data.members:
-            raise UserError(f"data.tasks names the member {member!r}, which data.members lacks (it has: "
-                            f"{', '.join(data.members)})")
-        for task in tasks:
-            if task not in data.members[member].get("targets", {}):
-                raise UserError(f"data.tasks assigns task {task!r} to member {member!r}, whose data "
-                                f"{data.members[member].get('name', '?')!r} does not provide it (it provides: "
-                                f"{', '.join(data.members[member].get('targets', {}))})")
-            if task in targets:
-                raise UserError(f"data.tasks assigns task {task!r} to two members; give each task one member")
-            targets[task] = OmegaConf.to_container(member_view(cfg, member).data.targets[task], resolve=True)
-    with open_dict(cfg):
-        cfg.data.targets = targets
-    return cfg
 
 
 def build_loader(cfg: DictConfig, dataset: Dataset, shuffle: torch.Generator | None = None, pin: bool = False
