@@ -215,7 +215,7 @@ def lfw_cfg(root: Path, *overrides: str):
 
 
 def test_lfw_samples_hold_the_people_of_view_1_with_unseen_people_after_train(lfw):
-    cfg = lfw_cfg(lfw)
+    cfg = lfw_cfg(lfw, "data.dataset.pairs=false")
     for split, people in (("train", LFW_TRAIN), ("val", LFW_TEST), ("test", LFW_TEST)):
         dataset = build_dataset(cfg, split)
         expected = [LFW_LABELS[name] for name, n in people.items() for _ in range(n)]
@@ -226,8 +226,23 @@ def test_lfw_samples_hold_the_people_of_view_1_with_unseen_people_after_train(lf
             assert sample["image"].shape == (3, 64, 64) and sample["image"].dtype == torch.float32
             assert 0 <= sample["image"].min() and sample["image"].max() <= 1
     assert build_dataset(cfg, "val").facts == {"targets": {"identity": {"num_classes": 3}}}  # every split says N
-    first = build_dataset(lfw_cfg(lfw, "data.crop=32"), "val")[0]["image"]  # Bill_Gates_0001: the 4th person
+    first = build_dataset(lfw_cfg(lfw, "data.crop=32", "data.dataset.pairs=false"), "val")[0]["image"]
     torch.testing.assert_close(first.mean((1, 2)), torch.tensor(lfw_colour(3, 1)) / 255, atol=0.03, rtol=0)
+
+
+def test_lfw_val_is_the_listed_pairs_image_after_image(lfw):
+    """pairsDevTest.txt (written by lfw_fixture): Bill_Gates 1 2 (same person), Ann_Veneman 1 Bill_Gates 2."""
+    cfg = lfw_cfg(lfw, "data.crop=32")
+    assert cfg.tasks.identity.metrics.verification.pairs == "consecutive"
+    for split in ("val", "test"):
+        samples = [build_dataset(cfg, split)[i] for i in range(4)]
+        assert len(build_dataset(cfg, split)) == 4
+        assert [int(s["identity"]) for s in samples] == [LFW_LABELS[n] for n in
+                                                         ("Bill_Gates", "Bill_Gates", "Ann_Veneman", "Bill_Gates")]
+        colours = [lfw_colour(3, 1), lfw_colour(3, 2), lfw_colour(4, 1), lfw_colour(3, 2)]  # (person k, image n)
+        for sample, colour in zip(samples, colours):
+            torch.testing.assert_close(sample["image"].mean((1, 2)), torch.tensor(colour) / 255, atol=0.03, rtol=0)
+    assert [int(build_dataset(cfg, "train")[i]["identity"]) for i in range(4)] == [0, 0, 1, 2]  # train: people
 
 
 def test_lfw_missing_files_and_download_are_explained(tmp_path, lfw):

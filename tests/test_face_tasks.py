@@ -339,3 +339,23 @@ def test_training_the_three_tasks_with_segmentation_logs_every_metric(tmp_path):
     tags = scalar_tags(run_dir)
     for task, names in expected.items():
         assert {f"val/{task}/{name}" for name in names} | {f"train/loss/{task}", f"val/loss/{task}"} <= tags
+
+
+def test_verification_on_listed_pairs_scores_samples_2k_and_2k_plus_1_only():
+    """Pairs (0,1) same person, (2,3) different, (4,5) one unknown (skipped); hand scores and AUC."""
+    e = torch.tensor([[1.0, 0.0], [0.6, 0.8], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    labels = torch.tensor([5, 5, 5, 7, 2, -1])
+    metric = VerificationMetrics(pairs="consecutive")
+    metric.update({"embedding": e[:3]}, labels[:3])  # pairs may straddle batches
+    metric.update({"embedding": e[3:]}, labels[3:])
+    result = metric.compute()
+    # scores: same pair cos 0.6, different pair cos 0.0: perfectly separated
+    assert float(result["verif_auc"]) == 1.0 and float(result["verif_acc"]) == 1.0
+    every = VerificationMetrics()  # all pairs of the known samples: (0,2) and (1,2) are same-person pairs too
+    every.update({"embedding": e}, labels)
+    assert float(every.compute()["verif_auc"]) < 1.0
+    swapped = VerificationMetrics(pairs="consecutive")
+    swapped.update({"embedding": e[[0, 3, 2, 1]]}, labels[[0, 1, 2, 3]])  # same pair now scores 0, different 0.6
+    assert float(swapped.compute()["verif_auc"]) == 0.0
+    with pytest.raises(UserError, match="pairs='some'"):
+        VerificationMetrics(pairs="some")

@@ -6,8 +6,11 @@ development view has no third part; View 2, the 10-fold protocol, is for reporti
 offered). The people of DevTrain and DevTest are disjoint, so val/test identities are unseen in training.
 
 Target of a sample: ``identity``, int64, by :func:`mtl_cli.data.celeba.identity_labels`: DevTrain's people
-0..N-1 (N from the files, see `facts`), every other person N, N+1, ... Verification then scores every pair of
-the split's images (VerificationMetrics), not LFW's 500 + 500 pairs of pairsDevTest.txt.
+0..N-1 (N from the files, see `facts`), every other person N, N+1, ...
+
+With ``pairs=True`` (the default) val and test are LFW's pairs instead, through torchvision's LFWPairs: the two
+images of each of pairsDevTest.txt's 500 same-person and 500 different-person pairs, one after the other, so
+that VerificationMetrics(pairs="consecutive") scores exactly those pairs (LFW's development protocol).
 """
 
 from __future__ import annotations
@@ -45,11 +48,18 @@ class _LFWPeopleIndex(torchvision.datasets.LFWPeople):
         return True  # LFW.__init__ checked the presence of every file it reads
 
 
+class _LFWPairsIndex(torchvision.datasets.LFWPairs):
+    """torchvision's reader of LFW's pair lists, checking presence instead of md5 sums (see _LFWPeopleIndex)."""
+
+    def _check_integrity(self) -> bool:
+        return True
+
+
 class LFW(Dataset):
     """The LFW split `split` (train, val, test) under `root` (which holds lfw-py/); see the module docstring."""
 
     def __init__(self, split: str, root: str, transforms: Callable | None = None, download: bool = False,
-                 image_set: str = "deepfunneled"):
+                 image_set: str = "deepfunneled", pairs: bool = True):
         if split not in VIEW1:
             raise UserError(f"lfw: unknown split {split!r}; valid splits are {', '.join(VIEW1)}")
         if image_set not in FOLDERS:
@@ -58,7 +68,9 @@ class LFW(Dataset):
             raise UserError(f"lfw: torchvision no longer downloads LFW; get it by hand from {URLS} into "
                             f"{layout(image_set)} and set data.download=false")
         folder = Path(root) / "lfw-py"
+        by_pairs = bool(pairs) and split != "train"
         needed = [f"{FOLDERS[image_set]}/", "peopleDevTrain.txt", "peopleDevTest.txt", "lfw-names.txt"]
+        needed += ["pairsDevTest.txt"] if by_pairs else []
         missing = [name for name in needed if not (folder / name.rstrip("/")).exists()]
         if missing:
             raise UserError(f"lfw: {folder} lacks {', '.join(missing)}. Expected layout: {layout(image_set)} (the "
@@ -69,8 +81,15 @@ class LFW(Dataset):
         people = train if VIEW1[split] == "train" else self._index(root, VIEW1[split], image_set)
         labels = identity_labels(train.class_to_idx.values(), train.targets)
         self.num_identities = len(set(train.targets))
-        self.files = list(people.data)
-        self.identities = torch.tensor([labels[target] for target in people.targets], dtype=torch.int64)
+        if by_pairs:
+            listed = self._pairs(root, VIEW1[split], image_set)
+            names = train.class_to_idx  # every person of lfw-names.txt, whom `labels` maps
+            self.files = [path for pair in listed.data for path in pair]
+            self.identities = torch.tensor([labels[names[name]] for pair in listed.pair_names for name in pair],
+                                           dtype=torch.int64)
+        else:
+            self.files = list(people.data)
+            self.identities = torch.tensor([labels[target] for target in people.targets], dtype=torch.int64)
 
     @staticmethod
     def _index(root: str, split: str, image_set: str) -> _LFWPeopleIndex:
@@ -80,6 +99,15 @@ class LFW(Dataset):
             raise UserError(f"lfw: cannot parse the people lists under {Path(root) / 'lfw-py'} "
                             f"({type(e).__name__}: {e}); they must be LFW's own: peopleDev*.txt a count line then "
                             "'Name<TAB>images' lines, lfw-names.txt 'Name<TAB>images' lines of every person") from None
+
+    @staticmethod
+    def _pairs(root: str, split: str, image_set: str) -> _LFWPairsIndex:
+        try:
+            return _LFWPairsIndex(root, split=split, image_set=image_set)
+        except (ValueError, IndexError, KeyError) as e:
+            raise UserError(f"lfw: cannot parse {Path(root) / 'lfw-py' / 'pairsDevTest.txt'} ({type(e).__name__}: "
+                            f"{e}); it must be LFW's own: a count line n, then n 'Name<TAB>i<TAB>j' lines and n "
+                            "'Name1<TAB>i<TAB>Name2<TAB>j' lines") from None
 
     @property
     def facts(self) -> dict:

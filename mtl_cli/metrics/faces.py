@@ -133,7 +133,9 @@ class IdentificationAccuracy(Metric):
 class VerificationMetrics(Metric):
     """Face verification on pairs of the split's embeddings: is this the same identity?
 
-    The pairs are every pair i < j of labelled samples when there are at most ``max_pairs`` of them, else
+    With ``pairs="consecutive"`` the split is a list of pairs (LFW's pairsDevTest.txt): samples 2k and 2k+1,
+    in the order of the split, are pair k, and only those are scored. Otherwise (``"all"``) the pairs are
+    every pair i < j of labelled samples when there are at most ``max_pairs`` of them, else
     ``max_pairs`` pairs drawn uniformly (with replacement, i != j) by a generator seeded with ``seed``: the same
     pairs for the same split. A pair's score is the cosine similarity of its two embeddings (the head's
     ``"embedding"`` ``[B, D]``); it is positive when both have the same identity.
@@ -150,11 +152,14 @@ class VerificationMetrics(Metric):
     full_state_update = False
 
     def __init__(self, ignore_index: int | None = -1, max_pairs: int = 1_000_000, seed: int = 0,
-                 **kwargs) -> None:
+                 pairs: str = "all", **kwargs) -> None:
         super().__init__(**kwargs)
         if not isinstance(max_pairs, int) or max_pairs < 1:
             raise UserError(f"verification: max_pairs must be a positive integer, got {max_pairs!r}")
-        self.ignore_index, self.max_pairs, self.seed = ignore_index, max_pairs, seed
+        if pairs not in ("all", "consecutive"):
+            raise UserError(f"verification: pairs={pairs!r} is not one of all (every pair of the split), consecutive "
+                            "(samples 2k and 2k+1 are pair k, as in a split made of a list of pairs: LFW's)")
+        self.ignore_index, self.max_pairs, self.seed, self.mode = ignore_index, max_pairs, seed, pairs
         self.add_state("embeddings", [], dist_reduce_fx="cat")
         self.add_state("labels", [], dist_reduce_fx="cat")
 
@@ -164,11 +169,16 @@ class VerificationMetrics(Metric):
             raise UserError(f"identity embeddings have shape {list(embedding.shape)} and labels "
                             f"{list(target.shape)}; expected [B, D] and [B]")
         keep = _known(target, self.ignore_index)
+        if self.mode == "consecutive":  # the order makes the pairs: drop nothing here (unknown pairs go later)
+            keep = torch.ones_like(keep)
         self.embeddings.append(unit_vectors(embedding[keep]))
         self.labels.append(target[keep].long())
 
     def pairs(self, n: int) -> tuple[Tensor, Tensor]:
         """The indices (i, j) of the pairs scored among ``n`` samples."""
+        if self.mode == "consecutive":
+            i = torch.arange(0, n - 1, 2)
+            return i, i + 1
         if n * (n - 1) // 2 <= self.max_pairs:
             i, j = torch.triu_indices(n, n, offset=1)
             return i, j
@@ -183,6 +193,9 @@ class VerificationMetrics(Metric):
             return nan
         embeddings, labels = dim_zero_cat(self.embeddings), dim_zero_cat(self.labels)
         i, j = (index.to(embeddings.device) for index in self.pairs(len(labels)))
+        if self.mode == "consecutive":  # a pair with an unknown identity cannot be scored
+            known = _known(labels[i], self.ignore_index) & _known(labels[j], self.ignore_index)
+            i, j = i[known], j[known]
         chunk = 1 << 16  # bounds the [pairs, D] gather
         scores = torch.cat([(embeddings[i[k:k + chunk]] * embeddings[j[k:k + chunk]]).sum(1)
                             for k in range(0, len(i), chunk)]) if len(i) else embeddings.new_zeros(0)
