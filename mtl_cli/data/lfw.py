@@ -55,6 +55,21 @@ class _LFWPairsIndex(torchvision.datasets.LFWPairs):
         return True
 
 
+FORMATS = {"_LFWPeopleIndex": "peopleDev*.txt a count line then 'Name<TAB>images' lines, lfw-names.txt "
+                              "'Name<TAB>images' lines of every person",
+           "_LFWPairsIndex": "pairsDev*.txt a count line n, then n 'Name<TAB>i<TAB>j' lines and n "
+                             "'Name1<TAB>i<TAB>Name2<TAB>j' lines"}
+
+
+def read_list(reader: type, root: str, split: str, image_set: str):
+    """One of LFW's lists through torchvision's reader; a malformed file gets one message saying the format."""
+    try:
+        return reader(root, split=split, image_set=image_set)
+    except (ValueError, IndexError, KeyError) as e:
+        raise UserError(f"lfw: cannot parse the lists under {Path(root) / 'lfw-py'} ({type(e).__name__}: {e}); "
+                        f"they must be LFW's own: {FORMATS[reader.__name__]}") from None
+
+
 class LFW(Dataset):
     """The LFW split `split` (train, val, test) under `root` (which holds lfw-py/); see the module docstring."""
 
@@ -77,37 +92,19 @@ class LFW(Dataset):
                             f"{image_set} images and View 1's people lists of {URLS}); set data.root to the folder "
                             "that holds lfw-py/")
         self.transforms = transforms
-        train = self._index(root, "train", image_set)
-        people = train if VIEW1[split] == "train" else self._index(root, VIEW1[split], image_set)
+        train = read_list(_LFWPeopleIndex, root, "train", image_set)
         labels = identity_labels(train.class_to_idx.values(), train.targets)
         self.num_identities = len(set(train.targets))
         if by_pairs:
-            listed = self._pairs(root, VIEW1[split], image_set)
+            listed = read_list(_LFWPairsIndex, root, VIEW1[split], image_set)
             names = train.class_to_idx  # every person of lfw-names.txt, whom `labels` maps
             self.files = [path for pair in listed.data for path in pair]
             self.identities = torch.tensor([labels[names[name]] for pair in listed.pair_names for name in pair],
                                            dtype=torch.int64)
         else:
+            people = train if VIEW1[split] == "train" else read_list(_LFWPeopleIndex, root, VIEW1[split], image_set)
             self.files = list(people.data)
             self.identities = torch.tensor([labels[target] for target in people.targets], dtype=torch.int64)
-
-    @staticmethod
-    def _index(root: str, split: str, image_set: str) -> _LFWPeopleIndex:
-        try:
-            return _LFWPeopleIndex(root, split=split, image_set=image_set)
-        except (ValueError, IndexError, KeyError) as e:
-            raise UserError(f"lfw: cannot parse the people lists under {Path(root) / 'lfw-py'} "
-                            f"({type(e).__name__}: {e}); they must be LFW's own: peopleDev*.txt a count line then "
-                            "'Name<TAB>images' lines, lfw-names.txt 'Name<TAB>images' lines of every person") from None
-
-    @staticmethod
-    def _pairs(root: str, split: str, image_set: str) -> _LFWPairsIndex:
-        try:
-            return _LFWPairsIndex(root, split=split, image_set=image_set)
-        except (ValueError, IndexError, KeyError) as e:
-            raise UserError(f"lfw: cannot parse {Path(root) / 'lfw-py' / 'pairsDevTest.txt'} ({type(e).__name__}: "
-                            f"{e}); it must be LFW's own: a count line n, then n 'Name<TAB>i<TAB>j' lines and n "
-                            "'Name1<TAB>i<TAB>Name2<TAB>j' lines") from None
 
     @property
     def facts(self) -> dict:
