@@ -12,6 +12,7 @@ from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
+from mtl_cli.data.checks import CheckedSamples, label_ranges
 from mtl_cli.data.collate import collate
 from mtl_cli.data.files import SkipBad
 from mtl_cli.data.seeding import SeededBatches, SeededSamples
@@ -33,7 +34,8 @@ def instantiate(cfg: Any, where: str, **kwargs: Any) -> Any:
         if isinstance(cause, UserError):
             raise cause from None
         if isinstance(cause, TypeError) or "Error locating target" in str(e):
-            raise UserError(f"the config of {where} cannot be built: {str(e).strip()}") from None
+            lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith("full_key")]
+            raise UserError(f"the config of {where} cannot be built: {' '.join(lines)}") from None
         raise
 
 
@@ -98,10 +100,10 @@ def build_delta(cfg: DictConfig, tasks: dict[str, Task]) -> DeltaM | None:
 
 
 def build_dataset(cfg: DictConfig, split: str) -> Dataset:
-    """The dataset of `split`, with the joint transforms declared for that split (`data.transforms.<split>`)."""
-    if cfg.data.get("members") is not None:
-        return build_multi(cfg, split)
-    return build_one(cfg.data, split)
+    """The dataset of `split`, with the joint transforms declared for that split (`data.transforms.<split>`); each
+    sample is checked as it is read against the tasks' class counts (data/checks.py)."""
+    dataset = build_multi(cfg, split) if cfg.data.get("members") is not None else build_one(cfg.data, split)
+    return CheckedSamples(dataset, split, label_ranges(cfg))
 
 
 def build_one(data: DictConfig, split: str, where: str = "data") -> Dataset:

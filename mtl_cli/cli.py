@@ -13,6 +13,7 @@ import sys
 
 from mtl_cli import __version__
 from mtl_cli.errors import suggest, user_message
+from mtl_cli.guard import SWEEPS
 
 COMMANDS = {"train": ("mtl_cli.train", "train a multi-task model (the default config needs no download)"),
             "eval": ("mtl_cli.evaluate", "score a checkpoint: mtl eval ckpt=<run dir>/checkpoints/best.pt")}
@@ -43,9 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, so user errors can be told from bugs
     sys.argv = [f"mtl {command}", *rest]
     entry = importlib.import_module(COMMANDS[command][0]).main
+    SWEEPS.clear()
     try:
         entry()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        print(f"mtl {command}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `mtl train --help | head`
         return 0
@@ -54,7 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             raise
         return fail(f"mtl {command}", message)
-    return 0
+    return sweep_status(command)
+
+
+def sweep_status(command: str) -> int:
+    """0, or after a sweep with failed jobs: each named with its error, and 2 (all user errors) or 1."""
+    failures = [f for sweep in SWEEPS for f in sweep["failures"]]
+    if not failures:
+        return 0
+    jobs = sum(sweep["jobs"] for sweep in SWEEPS)
+    lines = [f"  job {f['job']} ({' '.join(f['overrides']) or 'no overrides'}): {f['kind']}: {f['error']}"
+             for f in failures]
+    print(f"mtl {command}: {len(failures)} of {jobs} jobs failed:\n" + "\n".join(lines), file=sys.stderr)
+    return 2 if all(f["kind"] == "user error" for f in failures) else 1
 
 
 def fail(prog: str, message: str) -> int:

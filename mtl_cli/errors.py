@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import itertools
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -14,9 +15,17 @@ class UserError(Exception):
     """Something the user can correct; the message says what is wrong and what would be right."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says where the last checkpoint is."""
+
+
+FAILED = "failed.json"  # written into the directory of a sweep's job that failed
+
+
 def reports_user_errors(command: str) -> Callable:
     """Wraps a Hydra task function: a user error inside the job prints its message and exits 2 (Hydra would
-    otherwise report it as a failed job with a traceback)."""
+    otherwise report it as a failed job with a traceback). In a sweep, a failed job (user error or crash) is
+    recorded in its directory and the sweep goes on: guard.RunGuard names the failures at the end."""
     def wrap(task: Callable) -> Callable:
         @functools.wraps(task)
         def run(*args, **kwargs):
@@ -24,12 +33,40 @@ def reports_user_errors(command: str) -> Callable:
                 return task(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 -- sorted into user errors and bugs right below
                 message = user_message(e, command, [])
+                if in_sweep():
+                    return record_failure(e, message, command)
                 if message is None:
                     raise
                 print(f"mtl {command}: error: {message}", file=sys.stderr)
                 raise SystemExit(2) from None
         return run
     return wrap
+
+
+def in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failure(e: Exception, message: str | None, command: str) -> None:
+    """A sweep's job failed: say so (a bug with its traceback) and leave failed.json in the job's directory."""
+    import json
+    import logging
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    job = HydraConfig.get()
+    if message is None:
+        logging.getLogger("mtl").error(f"job {job.job.num} crashed", exc_info=e)
+    else:
+        print(f"mtl {command}: error: {message}", file=sys.stderr)
+    failure = {"job": job.job.num, "overrides": list(job.overrides.task), "kind": "crash" if message is None
+               else "user error", "error": message or f"{type(e).__name__}: {e}"}
+    (Path(job.runtime.output_dir) / FAILED).write_text(json.dumps(failure, indent=2))
+    return None
 
 
 def suggest(word: str, options: Iterable[str]) -> str:
@@ -39,7 +76,9 @@ def suggest(word: str, options: Iterable[str]) -> str:
 
 def user_message(e: Exception, command: str, overrides: list[str]) -> str | None:
     """The message for a mistake the user can fix, or None for a bug."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    import yaml
+    from hydra.errors import (ConfigCompositionException, MissingConfigException, OverrideParseException,
+                              SearchPathException)
     from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
     if isinstance(e, UserError):
@@ -60,12 +99,63 @@ def user_message(e: Exception, command: str, overrides: list[str]) -> str | None
                     f"To add a new key, write +{key}=...; `mtl {command} --cfg job` prints every key")
         return str(e).strip().splitlines()[0] + (f" ({e.__cause__})" if e.__cause__ else "")
     if isinstance(e, OverrideParseException):
-        return f"cannot read the override: {str(e).strip()}"
+        return spaced_value(overrides) or f"cannot read the override: {str(e).strip().splitlines()[0]}"
+    if isinstance(e, SearchPathException):
+        match = re.search(r"directory '(.*)' not found", str(e))
+        folder = match.group(1) if match else str(e)
+        return f"-cd {folder}: no such folder; give a folder of your own configs (e.g. -cd ~/my_configs)"
+    yaml_error = in_chain(e, yaml.YAMLError)
+    if yaml_error is not None:
+        return yaml_message(yaml_error)
     if isinstance(e, MissingMandatoryValue):
         key = getattr(e, "full_key", "") or ""
         return f"{key} must be given, e.g. mtl {command} {key}=..." if key else str(e).splitlines()[0]
     if isinstance(e, InterpolationResolutionError):
         return f"a config value cannot be resolved: {str(e).splitlines()[0]}"
+    return None
+
+
+def in_chain(e: BaseException, kind: type) -> BaseException | None:
+    """`e`, or the exception it was raised from or during, that is a `kind`."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def yaml_message(e) -> str:
+    """A YAML file that does not parse: its name, line and the problem (yaml's marks count lines from 0)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    where = f"{mark.name} line {mark.line + 1}" if mark is not None else "a config file"
+    tabs = "; YAML indents with spaces, not tabs" if "\\t" in problem else ""
+    return f"{where} is not valid YAML: {problem}{tabs}"
+
+
+def load_problem(e: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one clause, without torch's advice to retry with
+    weights_only=False (which would let the file run code)."""
+    text = str(e).split("WeightsUnpickler error:", 1)[-1]
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    line = line.split(" Please use")[0][:200]  # torch's advice on allowlisting the global
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def spaced_value(overrides: list[str]) -> str | None:
+    """When an override's value held an unquoted space, the shell split it into words, and Hydra stumbles on a
+    word without '=': say so, and show the override quoted."""
+    for i, word in enumerate(overrides[1:], start=1):
+        previous = overrides[i - 1]
+        if "=" in word or word.startswith(("-", "~")) or "=" not in previous or previous.startswith("-"):
+            continue
+        rest = list(itertools.takewhile(lambda w: "=" not in w and not w.startswith(("-", "~")), overrides[i:]))
+        key, value = previous.split("=", 1)
+        quoted = f"{key}=\"{' '.join([value, *rest])}\""
+        return (f"{word!r} is not an override (key=value): the value of {key} seems to contain a space, which split "
+                f"it into words; quote the whole override: '{quoted}'")
     return None
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,9 +15,11 @@ from torch import nn
 
 from mtl_cli.build import build_dataset, build_delta, build_loader, build_model, build_tasks, resolve_data
 from mtl_cli.engine.checkpoint import load_checkpoint, load_state
+from mtl_cli.engine.records import write_record
 from mtl_cli.engine.report import metrics_table
 from mtl_cli.errors import reports_user_errors
 from mtl_cli.paths import config_dir
+from mtl_cli.schema import check_config
 from mtl_cli.runtime import autocast, config_from_checkpoint, pick_device
 from mtl_cli.tasks import Task
 
@@ -97,8 +98,9 @@ def limited(loader: Iterable, limit: int | None) -> Iterable:
 @reports_user_errors("eval")
 def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    checkpoint = load_checkpoint(cfg.ckpt)
+    checkpoint = load_checkpoint(cfg.ckpt, "eval")
     cfg = resolve_data(config_from_checkpoint(checkpoint, cfg))
+    check_config(cfg)
     device = pick_device(cfg.trainer.device)
     tasks = {name: task.to(device) for name, task in build_tasks(cfg).items()}
     model = build_model(cfg, tasks)
@@ -115,6 +117,6 @@ def main(cfg: DictConfig) -> dict:
               "step": checkpoint["step"], "loss": results["loss"], "metrics": results["metrics"],
               **({"delta_m": results["delta_m"]} if "delta_m" in results else {}),
               "higher_is_better": directions}
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    write_record(run_dir / "eval.json", report)
     log.info(f"wrote {run_dir / 'eval.json'}")
     return report

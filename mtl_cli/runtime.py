@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import random
 from pathlib import Path
 
@@ -10,11 +12,14 @@ import numpy as np
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtl_cli.errors import UserError
 from mtl_cli.overrides import apply_overrides
 from mtl_cli.paths import config_dir
+
+log = logging.getLogger("mtl")
 
 
 def seed_everything(seed: int) -> None:
@@ -58,22 +63,81 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     raise UserError(f"trainer.precision={precision!r} is not one of 32, bf16, 16")
 
 
-def config_from_checkpoint(checkpoint: dict, composed: DictConfig) -> DictConfig:
+TRUST_FLAG = "trust_checkpoint"
+TRUST_ENV = "MTL_TRUST_CHECKPOINT"
+
+
+def config_from_checkpoint(checkpoint: dict, composed: DictConfig, typed: list[str] | None = None,
+                           groups=None, config_sources=None) -> DictConfig:
     """The config saved in `checkpoint`, with the overrides typed on this command line applied on top.
 
     The saved config names classes to build (`_target_`), so a checkpoint from elsewhere could make us call any
     function: only classes that the configs of this installation (or the user's own -cd folder) name are built,
-    unless the user vouches for the checkpoint with +trust_checkpoint=true.
+    unless the person at the keyboard vouches for the checkpoint (`user_trusts`). Nothing stored in the checkpoint
+    can widen what is built or written: see `distrust`.
     """
-    saved = OmegaConf.create(checkpoint["config"])
-    hydra_cfg = HydraConfig.get()
-    cfg = apply_overrides(saved, composed, hydra_cfg.overrides.task, groups=hydra_cfg.runtime.choices)
-    unknown = sorted(targets(OmegaConf.to_container(cfg, resolve=True)) - known_targets(hydra_cfg))
-    if unknown and not cfg.get("trust_checkpoint", False):
+    if typed is None:  # the Hydra values of this job, unless the caller passes them in
+        hydra_cfg = HydraConfig.get()
+        typed, groups = list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices
+        config_sources = hydra_cfg.runtime.config_sources
+    saved = distrust(OmegaConf.create(checkpoint["config"]), typed)
+    cfg = without_trust(apply_overrides(saved, composed, typed, groups=groups or {}))
+    unknown = sorted(targets(OmegaConf.to_container(cfg, resolve=True)) - known_targets(config_sources or []))
+    if unknown and not user_trusts(typed):
         raise UserError(f"the checkpoint's config would build {', '.join(unknown)}, which no config of this "
                         "installation names; a checkpoint from elsewhere could run code this way, so it is not "
-                        "built. If you trust its author, add +trust_checkpoint=true")
+                        f"built. If you trust its author, add +{TRUST_FLAG}=true to this command line (or set "
+                        f"{TRUST_ENV}=1)")
     return cfg
+
+
+def user_trusts(typed: list[str]) -> bool:
+    """Whether the person at the keyboard vouches for the checkpoint: +trust_checkpoint=true typed on this command
+    line, or MTL_TRUST_CHECKPOINT=1 in the environment. Never a value read from a config."""
+    if os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return True
+    for override in OverridesParser.create().parse_overrides(list(typed)):
+        if override.key_or_group == TRUST_FLAG and not override.is_delete():
+            return str(override.value()).strip().lower() in ("true", "1", "yes")
+    return False
+
+
+def without_trust(cfg: DictConfig) -> DictConfig:
+    """`cfg` without the trust flag: a vouch holds for one command line and is never saved with a run."""
+    if TRUST_FLAG in cfg:
+        with open_dict(cfg):
+            del cfg[TRUST_FLAG]
+    return cfg
+
+
+def distrust(saved: DictConfig, typed: list[str]) -> DictConfig:
+    """The saved config, less what would widen what may be built or written if a checkpoint could set it: a
+    stored trust flag is dropped (and reported), and every `download` switch is off unless typed on this command
+    line (a download writes files where the checkpoint says)."""
+    if TRUST_FLAG in saved:
+        log.warning(f"the checkpoint's config sets {TRUST_FLAG}, which only the command line (or {TRUST_ENV}) may "
+                    "set: ignored")
+        saved = without_trust(saved)
+    typed_keys = {o.split("=", 1)[0].lstrip("+~") for o in typed}
+    for path in download_switches(saved):
+        if path not in typed_keys and OmegaConf.select(saved, path, throw_on_resolution_failure=False) is not False:
+            OmegaConf.update(saved, path, False, force_add=True)
+    return saved
+
+
+def download_switches(node, prefix: str = "") -> list[str]:
+    """The dotted paths of every `download` key in `node`."""
+    if not isinstance(node, DictConfig):
+        return []
+    found = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key == "download":
+            found.append(path)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            found += download_switches(child, path + ".")
+    return found
 
 
 def targets(node) -> set[str]:
@@ -86,7 +150,13 @@ def targets(node) -> set[str]:
     return set()
 
 
-def known_targets(hydra_cfg) -> set[str]:
+def known_targets(config_sources) -> set[str]:
     """The `_target_`s named by the YAML files Hydra composes from here: ours and the user's -cd folders."""
-    folders = {config_dir()} | {Path(s.path) for s in hydra_cfg.runtime.config_sources if s.schema == "file"}
-    return set().union(*(targets(yaml.safe_load(f.read_text())) for d in folders for f in Path(d).rglob("*.yaml")))
+    folders = {config_dir()} | {Path(s.path) for s in config_sources if s.schema == "file"}
+    found = set()
+    for file in (f for d in folders for f in Path(d).rglob("*.yaml")):
+        try:
+            found |= targets(yaml.safe_load(file.read_text(encoding="utf-8")))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:  # Hydra cannot build from it either: it names nothing
+            log.warning(f"{file} is not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}): skipped")
+    return found

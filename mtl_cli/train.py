@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -23,11 +22,13 @@ from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.progress import EpochProgress
 from mtl_cli.data.collate import PRESENT
 from mtl_cli.engine.report import metrics_table
-from mtl_cli.errors import UserError, reports_user_errors
+from mtl_cli.engine.records import write_record
+from mtl_cli.errors import Interrupted, UserError, reports_user_errors
 from mtl_cli.evaluate import evaluate, flatten, limited, to_device
 from mtl_cli.models.summary import summarize, summary_markdown, summary_table
 from mtl_cli.paths import config_dir
-from mtl_cli.runtime import autocast, config_from_checkpoint, pick_device, seed_everything
+from mtl_cli.runtime import autocast, config_from_checkpoint, pick_device, seed_everything, without_trust
+from mtl_cli.schema import check_config
 from mtl_cli.tasks import Task
 from mtl_cli.weighting.base import Weighting
 from mtl_cli.weighting.gradients import FeatureCut
@@ -39,27 +40,42 @@ log = logging.getLogger("mtl")
 @reports_user_errors("train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the best value of the monitored metric (what a Hydra sweeper such as Optuna optimises)."""
-    checkpoint = None
-    if cfg.resume:
-        checkpoint = load_checkpoint(cfg.resume)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    checkpoint, resume = None, resume_path(cfg.resume, run_dir)
+    if resume is not None:
+        checkpoint = load_checkpoint(resume, "resume")
         cfg = config_from_checkpoint(checkpoint, cfg)
-    return train(cfg, Path(HydraConfig.get().runtime.output_dir), checkpoint)
+    try:
+        return train(without_trust(cfg), run_dir, checkpoint)
+    except KeyboardInterrupt:
+        last = run_dir / "checkpoints" / "last.pt"
+        raise Interrupted(f"the last checkpoint is {last}: continue with mtl train resume={last}" if last.is_file()
+                          else f"no checkpoint was written yet in {run_dir}") from None
+
+
+def resume_path(resume: str | None, run_dir: Path) -> Path | None:
+    """resume=auto: the run dir's own last.pt when there is one (a requeued job continues), else a fresh start."""
+    if resume != "auto":
+        return None if resume is None else Path(str(resume))
+    last = run_dir / "checkpoints" / "last.pt"
+    return last if last.is_file() else None
 
 
 def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> float | None:
     # 1. Build every part from the config.
+    check_config(cfg)  # types and ranges, also of a checkpoint's config and of each job of a sweep
     seed_everything(cfg.seed)
     device = pick_device(cfg.trainer.device)
     autocast(cfg.trainer.precision, device)  # checks the precision before anything is written
-    if int(cfg.trainer.val_every) < 1 or int(cfg.trainer.max_epochs) < 1:
-        raise UserError(f"trainer.val_every={cfg.trainer.val_every} and trainer.max_epochs={cfg.trainer.max_epochs}"
-                        " must both be at least 1 (the last epoch is always validated)")
     train_set = build_dataset(resolve_data(cfg), "train")
     cfg = adopt_facts(cfg, train_set)  # e.g. the class maps of a folder dataset, built from its train split
     tasks = {name: task.to(device) for name, task in build_tasks(cfg).items()}
     shuffle = torch.Generator()
     pin = device.type == "cuda"
     train_loader = build_loader(cfg, train_set, shuffle=shuffle, pin=pin)
+    if len(train_loader) == 0:  # full batches only: a split smaller than one batch would train nothing, silently
+        raise UserError(f"the train split has {len(train_set)} samples, fewer than data.batch_size="
+                        f"{cfg.data.batch_size}: no full batch, so no training step. Lower data.batch_size")
     val_loader = build_loader(cfg, build_dataset(cfg, cfg.data.split), pin=pin)
     model = build_model(cfg, tasks).to(device)
     weighting = build_weighting(cfg, tasks).to(device)
@@ -317,5 +333,5 @@ def write_report(run_dir: Path, tasks: dict[str, Task], state: dict, monitor: Mo
                                                         "value": state["best"]},
               "epochs": state["epoch"], "steps": state["step"], "train_seconds": round(seconds, 2),
               "higher_is_better": directions}
-    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    write_record(run_dir / "metrics.json", report)
     log.info(f"wrote {run_dir / 'metrics.json'} and checkpoints in {run_dir / 'checkpoints'}")

@@ -13,44 +13,99 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from mtl_cli.errors import UserError
+from mtl_cli.engine.atomic import write_atomically
+from mtl_cli.errors import UserError, load_problem
 
 FORMAT = "mtl-checkpoint/1"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Writes `state` to `path` so that a reader (or a crash) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Writes `state` to `path` so that a reader (or a crash, or a full disk) never sees a half-written file."""
+    write_atomically(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Reads a checkpoint written by `save_checkpoint`, or fails with a message saying what is wrong."""
-    path = Path(path).expanduser()
+# What a checkpoint must hold, and for what: key -> (accepted types, what it is).
+CONTENTS: dict[str, tuple[tuple[type, ...], str]] = {
+    "config": ((str,), "the run's config as YAML text"),
+    "model": ((dict,), "the model's weights"),
+    "epoch": ((int,), "the count of epochs done"),
+    "step": ((int,), "the count of steps done"),
+    "weighting": ((dict,), "the weighting's state"),
+    "optimizer": ((dict,), "the optimizer's state"),
+    "scheduler": ((dict,), "the learning-rate schedule's state"),
+    "scaler": ((dict,), "the gradient scaler's state"),
+    "rng": ((dict,), "the random generators' states"),
+    "best": ((float, int, type(None)), "the best monitored value"),
+    "best_results": ((dict, type(None)), "the validation results of the best epoch"),
+    "results": ((dict, type(None)), "the last validation results"),
+}
+NEEDS = {"eval": ("config", "model", "epoch", "step"),
+         "resume": ("config", "model", "weighting", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "best",
+                    "best_results", "results")}
+ARGUMENT = {"eval": "ckpt", "resume": "resume", None: "checkpoint"}  # the command-line key that names the file
+
+
+def load_checkpoint(path: str | os.PathLike, purpose: str | None = None,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Reads a checkpoint written by `save_checkpoint`, or fails with a message saying what is wrong. `purpose`
+    ("eval" or "resume") checks that it holds what that needs (NEEDS), in the types save_checkpoint writes."""
+    path, argument = Path(path).expanduser(), ARGUMENT[purpose]
+    if path.is_dir():
+        raise UserError(directory_message(path, argument))
     if not path.is_file():
-        hint = f"; it holds: {', '.join(sorted(p.name for p in path.glob('*.pt')))}" if path.is_dir() else ""
-        raise UserError(f"checkpoint {str(path)!r} does not exist{hint}. Give the path to a best.pt or last.pt "
-                        "written by mtl train (in <run dir>/checkpoints/)")
+        raise UserError(f"{argument}={str(path)!r}: the checkpoint file does not exist. Give the path to a best.pt "
+                        "or last.pt written by mtl train (in <run dir>/checkpoints/)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 -- whatever torch.load trips on (EOFError, KeyError, UnpicklingError, ...)
-        first_line = next(iter(str(e).splitlines()), "")[:200]
-        raise UserError(f"{str(path)!r} is not a readable mtl checkpoint ({type(e).__name__}"
-                        f"{': ' + first_line if first_line else ''}). Give a best.pt or last.pt written by mtl train"
-                        ) from None
+        raise UserError(f"{str(path)!r} is not a readable mtl checkpoint ({load_problem(e)}). Give a best.pt or "
+                        "last.pt written by mtl train") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{str(path)!r} was not written by mtl train (format {FORMAT} expected): it cannot be "
                         "evaluated or resumed. Give a best.pt or last.pt from an mtl run directory")
+    if purpose is not None:
+        check_contents(state, path, purpose)
     return state
+
+
+def directory_message(path: Path, argument: str) -> str:
+    """`path` is a folder: name the .pt files in it and in its checkpoints/ (a run directory), best.pt first."""
+    found = sorted([*path.glob("*.pt"), *path.glob("checkpoints/*.pt")],
+                   key=lambda p: (p.parent != path, p.name != "best.pt", str(p)))
+    if not found:
+        return (f"{argument}={str(path)!r} is a directory, not a checkpoint file, and no .pt file exists in it (nor "
+                "in its checkpoints/); give the path to a best.pt or last.pt written by mtl train")
+    names = ", ".join(str(p.relative_to(path)) for p in found)
+    return (f"{argument}={str(path)!r} is a directory: a checkpoint file of that name does not exist. Did you mean "
+            f"{str(found[0])!r}? The .pt files in it: {names}")
+
+
+def check_contents(state: dict[str, Any], path: Path, purpose: str) -> None:
+    needed = NEEDS[purpose]
+    missing = [key for key in needed if key not in state]
+    if missing:
+        what = "; ".join(f"{key}: {CONTENTS[key][1]}" for key in missing)
+        raise UserError(f"checkpoint {str(path)!r} lacks {', '.join(missing)} ({what}), which "
+                        f"{'mtl eval' if purpose == 'eval' else 'a resume'} needs; it holds only "
+                        f"{', '.join(sorted(state))}. Give a best.pt or last.pt written by mtl train")
+    for key in needed:
+        types, what = CONTENTS[key]
+        if not isinstance(state[key], types) or isinstance(state[key], bool):
+            raise UserError(f"checkpoint {str(path)!r}: its {key} ({what}) is a {type(state[key]).__name__}, not "
+                            f"a {' or '.join(t.__name__ for t in types if t is not type(None))}")
+    try:
+        config = yaml.safe_load(state["config"])
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}: {e.problem})" if mark is not None else ""
+        raise UserError(f"checkpoint {str(path)!r}: its config is not YAML{where}, so the run it holds cannot be "
+                        "rebuilt") from None
+    if not isinstance(config, dict) or not config:
+        raise UserError(f"checkpoint {str(path)!r}: its config is not a mapping of settings (it is "
+                        f"{type(config).__name__ if config is not None else 'empty'}), so the run it holds cannot be "
+                        "rebuilt")
 
 
 def load_state(module: torch.nn.Module, state: dict[str, Any], what: str) -> None:

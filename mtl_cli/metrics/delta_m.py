@@ -109,6 +109,10 @@ def baselines_from_runs(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, f
             if task in baselines:
                 raise UserError(f"baselines_from: task {task!r} is in both {source[task]} and {path}; give one run "
                                 "per task")
+            missing = [metric for metric, value in values.items() if value is None]
+            if missing:
+                raise UserError(f"baselines_from: {path} has no value for {task}/{missing[0]} (it was NaN or "
+                                "infinite in that run), so it cannot be a baseline; give a finished run")
             baselines[task], source[task] = {k: float(v) for k, v in values.items()}, path
     return baselines
 
