@@ -13,7 +13,7 @@ import sys
 
 from mtl_cli import __version__
 from mtl_cli.errors import suggest, user_message
-from mtl_cli.guard import SWEEPS
+from mtl_cli.guard import SWEEPS, Refused
 
 COMMANDS = {"train": ("mtl_cli.train", "train a multi-task model (the default config needs no download)"),
             "eval": ("mtl_cli.evaluate", "score a checkpoint: mtl eval ckpt=<run dir>/checkpoints/best.pt")}
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     SWEEPS.clear()
     try:
         entry()
+    except Refused as e:
+        return fail(f"mtl {command}", str(e.error))
     except KeyboardInterrupt as e:
         print(f"mtl {command}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130

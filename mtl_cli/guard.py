@@ -10,6 +10,7 @@ directory can be resumed at once. Imports no torch.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import tempfile
@@ -32,10 +33,31 @@ SWEEPS: list[dict] = []  # {"jobs": n, "failures": [failed.json, ...]} per finis
 LAST = Path("checkpoints") / "last.pt"
 
 
+class Refused(BaseException):
+    """A UserError raised by a check of RunGuard. Hydra turns an Exception raised in a callback into a warning and
+    goes on, so the refusal travels as a BaseException; cli.main reports it as the user error it carries."""
+
+    def __init__(self, error: UserError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def refuses(hook):
+    """Runs a callback hook; a UserError it raises stops the command (as Refused) instead of becoming a warning."""
+    @functools.wraps(hook)
+    def run(*args, **kwargs):
+        try:
+            return hook(*args, **kwargs)
+        except UserError as e:
+            raise Refused(e) from None
+    return run
+
+
 class RunGuard(Callback):
     def __init__(self) -> None:
         self.locks: list[RunLock] = []
 
+    @refuses
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         check_config(config)
         run_dir = Path(str(config.hydra.run.dir))  # `now` is cached on the config: the dir Hydra will make
@@ -49,9 +71,11 @@ class RunGuard(Callback):
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         self.release()
 
+    @refuses
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         check_writable(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")
 
+    @refuses
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
