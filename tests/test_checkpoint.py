@@ -169,7 +169,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_file(tm
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", broken_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UserError, match="the disk is full.*the previous file there is intact"):
         save_checkpoint({"epoch": 99}, path)
     monkeypatch.undo()
     assert path.read_bytes() == before
@@ -178,7 +178,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_file(tm
 
     # a first write that fails leaves nothing at all
     monkeypatch.setattr(checkpoint_module.torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="the disk is full.*nothing was written there"):
         save_checkpoint({"epoch": 1}, tmp_path / "new" / "best.pt")
     assert list((tmp_path / "new").iterdir()) == []
 

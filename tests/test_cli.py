@@ -135,29 +135,31 @@ def test_sweep_makes_one_run_dir_each_with_its_own_events(tmp_path):
     (["trainer.monitor=val/segmentation/iou"], ["trainer.monitor", "val/segmentation/miou"]),
     (["trainer.precision=16", "trainer.device=cpu"], ["CUDA", "bf16"]),
     (["trainer.val_every=0"], ["trainer.val_every=0", "at least 1"]),
-    (["optimizer.lr=-1"], ["optimizer", "Invalid learning rate"]),
+    (["optimizer.lr=-1"], ["optimizer.lr=-1", "greater than 0"]),
+    (["optimizer.betas=[0.9]"], ["optimizer", "betas"]),
     (["data.batch_size=0"], ["data.batch_size=0", "at least 1"]),
 ])
-def test_user_errors_give_one_message_and_exit_2(tmp_path, args, expected):
-    env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY":
-           "http://127.0.0.1:9"}  # a closed port: a download fails at once, network or not
-    result = mtl("train", *TINY, *args, cwd=tmp_path, env=env, check=False)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    message = result.stderr.strip()
+def test_user_errors_give_one_message_and_exit_2(mtl_main, tmp_path, monkeypatch, args, expected):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for proxy in ("https_proxy", "HTTPS_PROXY"):  # a closed port: a download fails at once, network or not
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    result = mtl_main("train", *TINY, *args)
+    assert result.status == 2, result
+    assert "Traceback" not in result.err + result.out
+    message = result.err.strip()
     assert message.startswith("mtl train: error:") and len(message.splitlines()) <= 3, message
     for part in expected:
         assert part in message, (part, message)
 
 
-def test_eval_errors(tmp_path):
-    missing = mtl("eval", f"ckpt={tmp_path / 'nope.pt'}", cwd=tmp_path, check=False)
-    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+def test_eval_errors(mtl_main, tmp_path):
+    missing = mtl_main("eval", f"ckpt={tmp_path / 'nope.pt'}")
+    assert missing.status == 2 and "does not exist" in missing.err and "Traceback" not in missing.err
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    foreign = mtl("eval", f"ckpt={tmp_path / 'other.pt'}", cwd=tmp_path, check=False)
-    assert foreign.returncode == 2 and "not written by mtl train" in foreign.stderr
-    no_ckpt = mtl("eval", cwd=tmp_path, check=False)
-    assert no_ckpt.returncode == 2 and "ckpt" in no_ckpt.stderr
+    foreign = mtl_main("eval", f"ckpt={tmp_path / 'other.pt'}")
+    assert foreign.status == 2 and "not written by mtl train" in foreign.err
+    no_ckpt = mtl_main("eval")
+    assert no_ckpt.status == 2 and "ckpt" in no_ckpt.err
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
