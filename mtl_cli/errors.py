@@ -138,10 +138,11 @@ def yaml_message(e) -> str:
 def load_problem(e: Exception) -> str:
     """Why torch.load(weights_only=True) refused a file, in one clause, without torch's advice to retry with
     weights_only=False (which would let the file run code)."""
-    text = str(e).split("WeightsUnpickler error:", 1)[-1]
-    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    line = line.split(" Please use")[0][:200]  # torch's advice on allowlisting the global
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+    for line in str(e).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and "weights_only" not in line and not line.startswith(("Weights only", "Check the documentation")):
+            return f"{type(e).__name__}: {line.split(' Please use')[0][:200]}"  # less the advice to allowlist it
+    return type(e).__name__
 
 
 def spaced_value(overrides: list[str]) -> str | None:

@@ -152,7 +152,7 @@ def test_save_overwrites_through_an_fsynced_temp_file_in_the_same_folder(tmp_pat
     monkeypatch.setattr(checkpoint_module.os, "replace",
                         lambda src, dst: (events.append(("replace", str(src), str(dst))), real_replace(src, dst))[1])
     save_checkpoint({"epoch": 2}, path)
-    assert events[0] == "fsync" and len(events) == 2
+    assert events[0] == "fsync" and events[2] == "fsync" and len(events) == 3  # the file, then its folder
     _, src, dst = events[1]
     assert dst == str(path) and os.path.dirname(src) == str(tmp_path) and src != dst
     assert load_checkpoint(path)["epoch"] == 2

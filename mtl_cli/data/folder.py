@@ -25,7 +25,9 @@ error naming it (or, with `unknown_labels=skip`, an empty cell, with a warning).
 from __future__ import annotations
 
 import ast
+import codecs
 import csv
+import io
 import json
 import logging
 import math
@@ -95,6 +97,7 @@ class FolderDataset(Dataset):
         self.classes = {t.task: self.class_map(t, given) for t in self.targets if t.kind in NAMED_KINDS}
         self.index = {task: {name: i for i, name in enumerate(names)} for task, names in self.classes.items()}
         self.images = [image_path(self.root, table, line, row, image_column) for line, row in table.rows]
+        self.manifest, self.lines = table.path, [line for line, _ in table.rows]
         self.labels = [{t.task: self.label(t, table, line, row, unknown_labels == "skip") for t in self.targets}
                        for line, row in table.rows]
         self.facts = {"dataset": {"classes": self.classes},
@@ -158,6 +161,12 @@ class FolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def describe(self, index: int, key: str | None = None) -> str:
+        """The manifest row of sample `index` and its file of entry `key` (a mask, a depth map; else the image)."""
+        file = next((self.labels[index][t.task] for t in self.targets if t.key == key and t.kind in ("mask", "depth")),
+                    None)
+        return f"{self.manifest} line {self.lines[index]}: {file or self.images[index]}"
 
     def __getitem__(self, index: int) -> dict:
         image = read_image(self.images[index])
@@ -236,11 +245,26 @@ def read_manifest(path: Path) -> Manifest:
     return table
 
 
+def manifest_text(path: Path) -> str:
+    """The manifest's text, or a clear error when the file is binary (an image named by mistake) or not UTF-8."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise UserError(f"manifest {path} is UTF-16 text: save it as UTF-8 (in a spreadsheet: CSV UTF-8)")
+    if b"\0" in data:
+        raise UserError(f"manifest {path} holds binary data: it is not a text CSV/TSV/JSONL manifest (is it an image "
+                        "or an array file under a manifest's name?)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"manifest {path} line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}): a manifest is a "
+                        "text CSV/TSV/JSONL file saved as UTF-8 (in a spreadsheet: CSV UTF-8)") from None
+
+
 def read_csv(path: Path) -> Manifest:
-    with path.open(newline="", encoding="utf-8-sig") as file:
-        reader = csv.DictReader(file, delimiter=FORMATS[path.suffix])
-        rows = [(reader.line_num, row) for row in reader if any((v or "").strip() for k, v in row.items() if k)]
-        columns = [c for c in reader.fieldnames or [] if c]
+    reader = csv.DictReader(io.StringIO(manifest_text(path), newline=""), delimiter=FORMATS[path.suffix])
+    rows = [(reader.line_num, row) for row in reader if any((v or "").strip() for k, v in row.items() if k)]
+    columns = [c for c in reader.fieldnames or [] if c]
     for line, row in rows:
         if None in row:
             raise UserError(f"{path} line {line} has more cells than the header ({len(columns)}): a cell holding a "
@@ -250,7 +274,7 @@ def read_csv(path: Path) -> Manifest:
 
 def read_jsonl(path: Path) -> Manifest:
     rows = []
-    for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for line, text in enumerate(manifest_text(path).splitlines(), start=1):
         if not text.strip():
             continue
         try:

@@ -71,9 +71,11 @@ def load_checkpoint(path: str | os.PathLike, purpose: str | None = None,
 
 
 def directory_message(path: Path, argument: str) -> str:
-    """`path` is a folder: name the .pt files in it and in its checkpoints/ (a run directory), best.pt first."""
+    """`path` is a folder: name the .pt files in it and in its checkpoints/ (a run directory), the likeliest first:
+    last.pt to resume, best.pt to evaluate."""
+    likeliest = "last.pt" if argument == "resume" else "best.pt"
     found = sorted([*path.glob("*.pt"), *path.glob("checkpoints/*.pt")],
-                   key=lambda p: (p.parent != path, p.name != "best.pt", str(p)))
+                   key=lambda p: (p.parent != path, p.name != likeliest, str(p)))
     if not found:
         return (f"{argument}={str(path)!r} is a directory, not a checkpoint file, and no .pt file exists in it (nor "
                 "in its checkpoints/); give the path to a best.pt or last.pt written by mtl train")
@@ -93,8 +95,9 @@ def check_contents(state: dict[str, Any], path: Path, purpose: str) -> None:
     for key in needed:
         types, what = CONTENTS[key]
         if not isinstance(state[key], types) or isinstance(state[key], bool):
-            raise UserError(f"checkpoint {str(path)!r}: its {key} ({what}) is a {type(state[key]).__name__}, not "
-                            f"a {' or '.join(t.__name__ for t in types if t is not type(None))}")
+            expected = " or ".join(t.__name__ for t in types if t is not type(None))
+            raise UserError(f"checkpoint {str(path)!r}: its {key} ({what}) is of type {type(state[key]).__name__}, "
+                            f"expected {expected}; give a best.pt or last.pt written by mtl train")
     try:
         config = yaml.safe_load(state["config"])
     except yaml.YAMLError as e:
@@ -103,9 +106,9 @@ def check_contents(state: dict[str, Any], path: Path, purpose: str) -> None:
         raise UserError(f"checkpoint {str(path)!r}: its config is not YAML{where}, so the run it holds cannot be "
                         "rebuilt") from None
     if not isinstance(config, dict) or not config:
-        raise UserError(f"checkpoint {str(path)!r}: its config is not a mapping of settings (it is "
-                        f"{type(config).__name__ if config is not None else 'empty'}), so the run it holds cannot be "
-                        "rebuilt")
+        kind = "empty" if config is None else f"a {type(config).__name__}"
+        raise UserError(f"checkpoint {str(path)!r}: its config is not a mapping of settings (it is {kind}), so the "
+                        "run it holds cannot be rebuilt")
 
 
 def load_state(module: torch.nn.Module, state: dict[str, Any], what: str) -> None:

@@ -18,7 +18,7 @@ from torchvision.models import get_model, get_model_weights, list_models
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.vision_transformer import interpolate_embeddings
 
-from mtl_cli.errors import UserError
+from mtl_cli.errors import UserError, load_problem
 from mtl_cli.models.norms import replace_norms
 from mtl_cli.models.stages import split_stages
 
@@ -146,7 +146,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors all mean "not a state dict"
-        raise UserError(f"backbone.weights={str(path)!r} is not a readable PyTorch state dict: {e}") from None
+        raise UserError(f"backbone.weights={str(path)!r} is not a readable PyTorch state dict ({load_problem(e)}); "
+                        "give a .pth file saved with torch.save(model.state_dict(), path)") from None
     for key in ("state_dict", "model"):  # checkpoints that wrap the state dict
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -164,12 +165,18 @@ def _torchvision_state_dict(name: str, weights: str) -> dict[str, torch.Tensor]:
         names = ", ".join(["DEFAULT"] + [w.name for w in available])
         raise UserError(f"backbone.weights={weights!r} is not a weights name of {name}; valid: {names}, a path "
                         "to a .pth file, or null") from None
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[-1]
+    cached = cache.is_file()
     try:
-        return enum.get_state_dict(progress=False, check_hash=True)
-    except (URLError, OSError, RuntimeError) as e:
-        cache = f"{torch.hub.get_dir()}/checkpoints/{enum.url.rsplit('/', 1)[-1]}"
+        return enum.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a bad cached file, a failed download, or a bug (raised again)
+        if cached:
+            raise UserError(f"the cached weights file {cache} is not a readable PyTorch state dict ({load_problem(e)})"
+                            "; delete it, and it is downloaded again") from None
+        if not isinstance(e, (URLError, OSError, RuntimeError)):
+            raise
         raise UserError(
-            f"could not download the pretrained weights {type(enum).__name__}.{enum.name} ({type(e).__name__}: {e}).\n"
+            f"could not download the pretrained weights {type(enum).__name__}.{enum.name} ({type(e).__name__}: {e}). "
             f"Without network access, download {enum.url} elsewhere and place the file at {cache} "
             f"(or pass its path: backbone.weights=/path/to/file.pth), or train from scratch with "
             f"backbone.weights=null") from None
