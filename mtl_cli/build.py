@@ -24,7 +24,13 @@ from mtl_cli.weighting.base import Weighting
 
 
 def instantiate(cfg: Any, where: str, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate, with the user's mistakes turned into one clear UserError naming `where`."""
+    """hydra.utils.instantiate, with the user's mistakes turned into one clear UserError naming `where`. Every
+    component is a mapping that names its class; only a list of transforms is a list (of such mappings)."""
+    if ".transforms." not in where and not (isinstance(cfg, DictConfig) and "_target_" in cfg):
+        kind = "a list" if OmegaConf.is_list(cfg) else "a mapping without _target_" if OmegaConf.is_dict(cfg) else (
+            repr(cfg))
+        raise UserError(f"the config of {where} is {kind}: a component's config names the class to build, e.g. "
+                        f"`_target_: torch.optim.AdamW` with its arguments (see configs/ for examples)")
     try:
         return hydra.utils.instantiate(cfg, **kwargs)
     except InstantiationException as e:

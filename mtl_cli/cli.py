@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         return fail("mtl", f"unknown command {command!r}{suggest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}")
+    flag_error = check_flags(rest)
+    if flag_error:
+        return fail(f"mtl {command}", f"{flag_error}; `mtl {command} --help` lists the flags and config groups")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, so user errors can be told from bugs
     sys.argv = [f"mtl {command}", *rest]
     entry = importlib.import_module(COMMANDS[command][0]).main
@@ -72,6 +75,27 @@ def sweep_status(command: str) -> int:
              for f in failures]
     print(f"mtl {command}: {len(failures)} of {jobs} jobs failed:\n" + "\n".join(lines), file=sys.stderr)
     return 2 if all(f["kind"] == "user error" for f in failures) else 1
+
+
+def check_flags(args: list[str]) -> str | None:
+    """What is wrong with the flags of `args` (an unknown flag, a bad --cfg choice), said before Hydra's argparse
+    would print its whole usage; None when they are fine or ask for help (argparse answers those itself)."""
+    if any(a in ("-h", "--help", "--hydra-help", "--version") for a in args):
+        return None
+    from hydra._internal.utils import get_args_parser
+
+    class Refused(Exception):
+        pass
+
+    def refuse(message: str):
+        raise Refused(message)
+    parser = get_args_parser()
+    parser.error = refuse
+    try:
+        _, unknown = parser.parse_known_args(args)
+    except Refused as e:
+        return str(e)
+    return f"unrecognized arguments: {' '.join(unknown)}" if unknown else None
 
 
 def fail(prog: str, message: str) -> int:

@@ -107,11 +107,24 @@ def user_message(e: Exception, command: str, overrides: list[str]) -> str | None
     yaml_error = in_chain(e, yaml.YAMLError)
     if yaml_error is not None:
         return yaml_message(yaml_error)
+    if isinstance(e, UnicodeDecodeError) and (path := config_file_being_read(e)) is not None:
+        return f"{path} is not a YAML text file (it is not UTF-8 text: byte {e.start}); give a YAML config there"
     if isinstance(e, MissingMandatoryValue):
         key = getattr(e, "full_key", "") or ""
         return f"{key} must be given, e.g. mtl {command} {key}=..." if key else str(e).splitlines()[0]
     if isinstance(e, InterpolationResolutionError):
         return f"a config value cannot be resolved: {str(e).splitlines()[0]}"
+    return None
+
+
+def config_file_being_read(e: BaseException) -> str | None:
+    """The config file Hydra was reading when `e` was raised: Hydra's FileConfigSource.load_config names it only in
+    its local `full_path`, so the traceback's frames are the one place to learn it."""
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "load_config" and "full_path" in tb.tb_frame.f_locals:
+            return str(tb.tb_frame.f_locals["full_path"])
+        tb = tb.tb_next
     return None
 
 

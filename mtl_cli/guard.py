@@ -60,6 +60,9 @@ class RunGuard(Callback):
     @refuses
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         check_config(config)
+        check_machine(config)
+        if config.hydra.job.name == "train" and not config.get("tasks") and not config.get("resume"):
+            raise UserError("no task selected: choose some, e.g. tasks=[segmentation,depth]")
         run_dir = Path(str(config.hydra.run.dir))  # `now` is cached on the config: the dir Hydra will make
         check_writable(run_dir, "hydra.run.dir")
         if config.hydra.job.name == "train" and not config.get("resume") and (run_dir / LAST).is_file():
@@ -104,6 +107,13 @@ class RunGuard(Callback):
     def release(self) -> None:
         while self.locks:
             self.locks.pop().release()
+
+
+def check_machine(config: DictConfig) -> None:
+    """trainer.device exists here and trainer.precision runs on it (imports torch: a run needs it anyway)."""
+    from mtl_cli.runtime import autocast, pick_device
+
+    autocast(config.trainer.precision, pick_device(config.trainer.device))
 
 
 def check_writable(folder: Path, key: str) -> None:

@@ -181,3 +181,44 @@ def test_a_binary_file_given_as_a_manifest_is_named(mtl_main, tmp_path, manifest
                    "data.targets.classification.column=label", "trainer.max_epochs=1")
     line = one_error(ran, "train")
     assert f"manifest {root / manifest} holds binary data: it is not a text CSV/TSV/JSONL manifest" in line
+
+
+# ------------------------------------------------------------------------------- found by scripts/probe_inputs.py
+
+
+def test_a_config_file_that_is_not_text_is_named(mtl_main, tmp_path):
+    mine = tmp_path / "my_configs" / "backbone" / "mine.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"_target_: x\n" + bytes(range(128, 256)))
+    line = one_error(mtl_main("train", "-cd", str(mine.parents[1]), "backbone=mine", *TINY_RUN), "train")
+    assert f"{mine} is not a YAML text file" in line
+
+
+def test_a_component_config_that_is_not_a_mapping_is_named(mtl_main, tmp_path):
+    mine = tmp_path / "my_configs" / "backbone" / "mine.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("- 8\n- 16\n")
+    line = one_error(mtl_main("train", "-cd", str(mine.parents[1]), "backbone=mine", *TINY_RUN,
+                              "hydra.run.dir=run"), "train")
+    assert "the config of backbone is a list" in line and "_target_" in line
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--nonsense"], "unrecognized arguments: --nonsense"),
+    (["--cfg", "nope"], "argument --cfg/-c: invalid choice: 'nope'"),
+])
+def test_a_bad_flag_is_one_line_not_hydras_usage(mtl_main, args, words):
+    assert words in one_error(mtl_main("train", *args), "train")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["trainer.device=tpu"], "trainer.device='tpu' is not a device"),
+    (["trainer.device=cuda:7"], "no CUDA GPU is available here"),
+    (["trainer.precision=16"], "needs a CUDA GPU"),
+    (["tasks=[]"], "no task selected"),
+])
+def test_a_machine_or_task_choice_that_cannot_run_is_refused_before_any_run_dir(mtl_main, tmp_path, args, words):
+    if "cuda" in args[0] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert words in one_error(mtl_main("train", *TINY_RUN, *args, "hydra.run.dir=run"), "train")
+    assert not (tmp_path / "run").exists()

@@ -52,8 +52,8 @@ KINDS = ("class", "multilabel", "mask", "depth", "boxes", "value")
 NAMED_KINDS = ("class", "multilabel", "boxes")  # kinds whose labels are names mapped through a class map
 FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
 LAYOUT = ("<root>/train.csv and <root>/val.csv (or .jsonl), one row per image: a column `image` with the image path "
-          "(relative to <root>, or absolute) and one column per task, e.g.\n  image,label,mask\n  "
-          "images/0001.jpg,cat,masks/0001.png\nSee the README section 'Your own data: data=folder'")
+          "(relative to <root>, or absolute) and one column per task, e.g. the header `image,label,mask` and a row "
+          "`images/0001.jpg,cat,masks/0001.png`. See the README section 'Your own data: data=folder'")
 
 
 @dataclass(frozen=True)
