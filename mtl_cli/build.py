@@ -16,9 +16,11 @@ from mtl_cli.data.checks import CheckedSamples, label_ranges
 from mtl_cli.data.collate import collate
 from mtl_cli.data.files import SkipBad
 from mtl_cli.data.seeding import SeededBatches, SeededSamples
+from mtl_cli.engine.signals import ignore_stop_requests
 from mtl_cli.data.transforms import compose, split_transforms
 from mtl_cli.errors import UserError
 from mtl_cli.metrics.delta_m import DeltaM, build_delta_m
+from mtl_cli.models.base import MultiTaskModel
 from mtl_cli.tasks import Task
 from mtl_cli.weighting.base import Weighting
 
@@ -74,12 +76,17 @@ def build_tasks(cfg: DictConfig) -> dict[str, Task]:
     return tasks
 
 
-def build_model(cfg: DictConfig, tasks: dict[str, Task]) -> nn.Module:
-    """architecture(backbone builder, head builders) -> the multi-task model."""
+def build_model(cfg: DictConfig, tasks: dict[str, Task]) -> MultiTaskModel:
+    """architecture(backbone builder, head builders) -> the multi-task model, its contract checked (models/base.py)."""
     backbone = instantiate(cfg.backbone, "backbone")
     architecture = instantiate(cfg.architecture, "architecture")
-    return call(architecture, "architecture/backbone/heads", backbone=backbone,
-                heads={name: task.head for name, task in tasks.items()})
+    model = call(architecture, "architecture/backbone/heads", backbone=backbone,
+                 heads={name: task.head for name, task in tasks.items()})
+    if not isinstance(model, MultiTaskModel):
+        raise UserError(f"architecture {cfg.architecture.get('_target_')} builds {type(model).__name__}, not a "
+                        "mtl_cli.models.base.MultiTaskModel: subclass it (README, Extending)")
+    model.check_contract()
+    return model
 
 
 def build_weighting(cfg: DictConfig, tasks: dict[str, Task]) -> Weighting:
@@ -165,6 +172,10 @@ def resolve_data(cfg: DictConfig) -> DictConfig:
     if idle:
         raise UserError(f"data member {idle[0]!r} serves no task: give it some (+data.tasks.{idle[0]}=[...]) or "
                         f"remove it (~data.members.{idle[0]})")
+    served = [task for tasks in data.tasks.values() for task in tasks]
+    if sorted(cfg.get("tasks") or {}) != sorted(served):  # Hydra cannot default the task list to the members'
+        raise UserError(f"data=multi: the tasks selected ({', '.join(cfg.get('tasks') or {}) or 'none'}) are not the "
+                        f"tasks the members serve (data.tasks): add tasks=[{','.join(served)}]")
     targets, owners = {}, {}
     for member, tasks in data.tasks.items():
         if member not in data.members:
@@ -194,28 +205,27 @@ def resolve_data(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def build_loader(cfg: DictConfig, dataset: Dataset, shuffle: torch.Generator | None = None, pin: bool = False
-                 ) -> DataLoader:
-    """Batches of `dataset`; shuffled by `shuffle` (a generator the caller seeds per epoch) if given.
+def build_loader(cfg: DictConfig, dataset: Dataset, train: bool = False, pin: bool = False) -> DataLoader:
+    """Batches of `dataset`: in order, or for training shuffled, full batches only.
 
-    With `shuffle`, the order of an epoch and the random augmentation of each of its samples depend on the
-    generator's seed alone (SeededSamples), not on which worker process loads a sample or what it loaded before:
-    a resume is exact with workers and random transforms too."""
+    A training loader's batch sampler is a SeededBatches: `loader.batch_sampler.set_epoch(e)` makes the order of
+    epoch e and the random augmentation of each of its samples depend on (cfg.seed, e) alone, not on which worker
+    loads a sample or what it loaded before, and `skip(k)` starts the next pass after k batches: a resume is exact,
+    also in the middle of an epoch, with workers and random transforms."""
     workers, batch_size = int(cfg.data.num_workers), int(cfg.data.batch_size)
-    if batch_size < 1 or workers < 0:
-        raise UserError(f"data.batch_size={batch_size} and data.num_workers={workers}: the batch size must be at "
-                        "least 1 and the number of workers at least 0")
     loader = {"num_workers": workers, "collate_fn": collate, "persistent_workers": workers > 0, "pin_memory": pin,
-              "generator": torch.Generator().manual_seed(int(cfg.seed))}
-    if shuffle is None:
-        if hasattr(dataset, "batch_sampler"):  # several datasets: each batch from one of them
+              "generator": torch.Generator().manual_seed(int(cfg.seed)), "worker_init_fn": ignore_stop_requests}
+    several = hasattr(dataset, "batch_sampler")  # several datasets: each batch from one of them
+    if not train:
+        if several:
             return DataLoader(dataset, batch_sampler=dataset.batch_sampler(batch_size, None), **loader)
         return DataLoader(dataset, batch_size=batch_size, **loader)
-    if hasattr(dataset, "batch_sampler"):
+    shuffle = torch.Generator()
+    if several:
         batches = dataset.batch_sampler(batch_size, shuffle)
     else:
         batches = BatchSampler(RandomSampler(dataset, generator=shuffle), batch_size, drop_last=True)
-    return DataLoader(SeededSamples(dataset), batch_sampler=SeededBatches(batches, shuffle), **loader)
+    return DataLoader(SeededSamples(dataset), batch_sampler=SeededBatches(batches, shuffle, int(cfg.seed)), **loader)
 
 
 def adopt_facts(cfg: DictConfig, dataset: Dataset) -> DictConfig:

@@ -7,23 +7,27 @@ exit status 2; those found inside the job (a missing file, a checkpoint from els
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import os
 import sys
 
-from mtl_cli import __version__
-from mtl_cli.errors import suggest, user_message
+from mtl_cli import __version__, commands, completion
+from mtl_cli.errors import Stopped, UserError, suggest, user_message
 from mtl_cli.guard import SWEEPS, Refused
 
-COMMANDS = {"train": ("mtl_cli.train", "train a multi-task model (the default config needs no download)"),
-            "eval": ("mtl_cli.evaluate", "score a checkpoint: mtl eval ckpt=<run dir>/checkpoints/best.pt")}
+# Nothing heavy is imported before Hydra has read the command line: --help, --cfg and tab completion stay fast.
+COMMANDS = {"train": "train a multi-task model (the default config needs no download)",
+            "eval": "score a checkpoint: mtl eval ckpt=<run dir>/checkpoints/best.pt",
+            "completion": 'tab completion: eval "$(mtl completion bash)" (or zsh); mtl completion fish | source'}
+SHELL_COMPLETION = ("-sc", "--shell-completion")  # Hydra's flag; its installed scripts call `mtl -sc query=SHELL`
+HELP_FLAGS = {"-h", "--help", "--hydra-help"}
 
 USAGE = f"""usage: mtl <command> [group=option ...] [key=value ...] [-m] [--cfg job] [--help]
 
 mtl {__version__}: a config-driven trainer for multi-task learning in computer vision.
 
 commands:
-""" + "\n".join(f"  {name:<8}{text}" for name, (_, text) in COMMANDS.items()) + """
+""" + "\n".join(f"  {name:<12}{text}" for name, text in COMMANDS.items()) + """
 
 Everything after the command is Hydra's: `mtl train --help` lists the config groups and their options,
 `mtl train -m weighting=ew,uw seed=0,1` sweeps, `mtl train --cfg job` prints the composed config.
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mtl {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "completion" or any(a in SHELL_COMPLETION for a in argv):
+        return complete(command, rest)
     if command not in COMMANDS:
         return fail("mtl", f"unknown command {command!r}{suggest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}")
     flag_error = check_flags(rest)
@@ -46,23 +52,43 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"mtl {command}", f"{flag_error}; `mtl {command} --help` lists the flags and config groups")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, so user errors can be told from bugs
     sys.argv = [f"mtl {command}", *rest]
-    entry = importlib.import_module(COMMANDS[command][0]).main
+    entry = getattr(commands, f"{command}_command")
     SWEEPS.clear()
     try:
-        entry()
+        with commands.group_options_once() if HELP_FLAGS.intersection(rest) else contextlib.nullcontext():
+            entry()
     except Refused as e:
         return fail(f"mtl {command}", str(e.error))
     except KeyboardInterrupt as e:
         print(f"mtl {command}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
+    except Stopped as e:  # a scheduler's SIGTERM or SIGUSR1: the status a process killed by it would have
+        print(f"mtl {command}: {e}", file=sys.stderr)
+        return 128 + e.signal
     except BrokenPipeError:  # e.g. `mtl train --help | head`
         return 0
     except Exception as e:  # noqa: BLE001 -- sorted into user errors and bugs right below
         message = user_message(e, command, rest)
         if message is None:
             raise
-        return fail(f"mtl {command}", message)
+        return fail(f"mtl {command}", message, getattr(e, "status", 2))
     return sweep_status(command)
+
+
+def complete(command: str, rest: list[str]) -> int:
+    """`mtl completion SHELL`, or Hydra's -sc flag after any command (or none: what the installed scripts run)."""
+    try:
+        if command == "completion":
+            if len(rest) != 1:
+                raise UserError(f"give one shell: {', '.join(completion.SHELLS)}, e.g. mtl completion bash")
+            print(completion.script(rest[0]), end="")
+        else:
+            completion.shell_completion([command, *rest], COMMANDS)
+    except UserError as e:
+        return fail("mtl completion" if command == "completion" else "mtl", str(e))
+    except BrokenPipeError:
+        return 0
+    return 0
 
 
 def sweep_status(command: str) -> int:
@@ -98,9 +124,9 @@ def check_flags(args: list[str]) -> str | None:
     return f"unrecognized arguments: {' '.join(unknown)}" if unknown else None
 
 
-def fail(prog: str, message: str) -> int:
+def fail(prog: str, message: str, status: int = 2) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 def run() -> None:

@@ -12,11 +12,30 @@ from collections.abc import Callable, Iterable
 
 
 class UserError(Exception):
-    """Something the user can correct; the message says what is wrong and what would be right."""
+    """Something the user can correct; the message says what is wrong and what would be right. `status` is the
+    exit status it ends the command with."""
+    status = 2
+    kind = "user error"
+
+
+class RunFailed(UserError):
+    """The run itself went wrong in a way the user must look into (a loss that turned NaN): said in one line like a
+    user error, exit status 1."""
+    status = 1
+    kind = "run failed"
 
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says where the last checkpoint is."""
+
+
+class Stopped(BaseException):
+    """The run stopped on a scheduler's request (SIGTERM, SIGUSR1) after writing last.pt; `signal` is its number.
+    A BaseException, so that a sweep stops with it (the whole job is being taken away) instead of going on."""
+
+    def __init__(self, message: str, signal: int):
+        super().__init__(message)
+        self.signal = signal
 
 
 FAILED = "failed.json"  # written into the directory of a sweep's job that failed
@@ -38,7 +57,7 @@ def reports_user_errors(command: str) -> Callable:
                 if message is None:
                     raise
                 print(f"mtl {command}: error: {message}", file=sys.stderr)
-                raise SystemExit(2) from None
+                raise SystemExit(getattr(e, "status", 2)) from None
         return run
     return wrap
 
@@ -64,7 +83,7 @@ def record_failure(e: Exception, message: str | None, command: str) -> None:
     else:
         print(f"mtl {command}: error: {message}", file=sys.stderr)
     failure = {"job": job.job.num, "overrides": list(job.overrides.task), "kind": "crash" if message is None
-               else "user error", "error": message or f"{type(e).__name__}: {e}"}
+               else getattr(e, "kind", "user error"), "error": message or f"{type(e).__name__}: {e}"}
     (Path(job.runtime.output_dir) / FAILED).write_text(json.dumps(failure, indent=2))
     return None
 

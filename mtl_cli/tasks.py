@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
+from mtl_cli.data.checks import LabelRange
 from mtl_cli.data.collate import PRESENT
 from mtl_cli.errors import UserError
 
@@ -34,19 +35,22 @@ class Task:
     loss:      loss(output, target) -> scalar.
     metrics:   name -> torchmetrics Metric, fed decode(output) and the target; each returns a scalar or a dict of
                scalars, and states its direction (`higher_is_better`, a bool or a dict for dict-valued metrics).
+               These are templates: every evaluation scores with fresh copies of them (engine/batches.py Scores).
     decode:    turns the head's raw output into what the metrics take (e.g. sigmoid); identity if None.
     visualize: turns outputs or targets of a few images into RGB images [N,3,H,W] for TensorBoard, if given.
-    num_classes, ignore_index: the class facts, used to check the data's targets on the first batch.
+    num_classes, ignore_index: the class facts, against which the data's labels are checked (data/checks.py).
+    unseen_labels: labels from num_classes up are classes unseen in training (the face datasets' other identities),
+               which the loss and metrics skip: accepted outside the train split.
     """
 
     def __init__(self, name: str, target: str | Mapping[str, str], head: Callable[..., nn.Module], loss: nn.Module,
                  metrics: Mapping[str, Metric], decode: Callable | None = None, visualize: Callable | None = None,
-                 num_classes: int | None = None, ignore_index: int | None = None):
+                 num_classes: int | None = None, ignore_index: int | None = None, unseen_labels: bool = False):
         self.name, self.head, self.loss = name, head, loss
         self.target = target if isinstance(target, str) else dict(target)
         self.metrics = nn.ModuleDict(dict(metrics))
         self.decode, self.visualize = decode, visualize
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.num_classes, self.ignore_index, self.unseen_labels = num_classes, ignore_index, bool(unseen_labels)
 
     @property
     def keys(self) -> list[str]:
@@ -77,24 +81,6 @@ class Task:
         self.metrics.to(device)
         return self
 
-    def update_metrics(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        prediction = self.decode(output) if self.decode is not None else output
-        for metric in self.metrics.values():
-            metric.update(prediction, target)
-
-    def compute_metrics(self) -> dict[str, float]:
-        """Every value of every metric over all the updates since the last reset."""
-        values = {}
-        for name, metric in self.metrics.items():
-            result = metric.compute()
-            items = result.items() if isinstance(result, Mapping) else [(name, result)]
-            values.update({key: float(value) for key, value in items})
-        return values
-
-    def reset_metrics(self) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
-
     def directions(self) -> dict[str, bool]:
         """Metric name -> whether higher is better."""
         directions = {}
@@ -108,9 +94,7 @@ class Task:
         target = batch[self.keys[-1]]  # the labels (last) of a several-part target
         if self.num_classes is None or not isinstance(target, torch.Tensor) or target.is_floating_point():
             return
-        labels = target[target != self.ignore_index] if self.ignore_index is not None else target
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise UserError(
-                f"task {self.name!r} predicts {self.num_classes} classes (0..{self.num_classes - 1}), but the data's "
-                f"{self.target!r} targets hold labels from {int(labels.min())} to {int(labels.max())}: set "
-                f"tasks.{self.name}.num_classes to the data's class count (see data.targets), or fix the data")
+        labels = LabelRange(self.name, self.num_classes, self.ignore_index, self.unseen_labels)
+        problem = labels.problem(target, "train", f"the data's {self.target!r} targets")
+        if problem:
+            raise UserError(problem)

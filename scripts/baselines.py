@@ -13,6 +13,7 @@ import sys
 import torch
 from hydra import compose, initialize_config_dir
 
+from mtl_cli.engine.batches import Scores
 from mtl_cli.build import build_dataset, build_tasks
 from mtl_cli.data.collate import collate
 from mtl_cli.paths import config_dir
@@ -42,9 +43,10 @@ def main(overrides: list[str]) -> None:
         "count": train["count"].float().median().expand(n, 1),
     }
     print(f"trivial predictors on {cfg.data.name}/{cfg.data.split} ({n} scenes):")
-    for name, task in tasks.items():
-        task.update_metrics(predictions[name], val[task.target])
-        values = ", ".join(f"{k} {v:.4f}" for k, v in task.compute_metrics().items())
+    scores = Scores(tasks)
+    scores.update(predictions, val)
+    for name, metrics in scores.compute()["metrics"].items():
+        values = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         print(f"  {name:<15} {values}")
 
 

@@ -26,7 +26,8 @@ from mtl_cli.data.digit_scenes import scenes_per_second
 from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.progress import EpochProgress
 from mtl_cli.paths import config_dir
-from mtl_cli.train import train_epoch
+from mtl_cli.engine.state import TrainState
+from mtl_cli.train import Run, train_batches
 
 
 def plain_losses(outputs: dict, batch: dict) -> torch.Tensor:
@@ -62,7 +63,8 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     tasks = build_tasks(cfg)
     dataset = build_dataset(cfg, "train")
-    loader = build_loader(cfg, dataset, shuffle=torch.Generator().manual_seed(0))
+    loader = build_loader(cfg, dataset, train=True)
+    loader.batch_sampler.set_epoch(0)
     batches = [b for _, b in zip(range(args.steps), loader)]
 
     model = build_model(cfg, tasks)
@@ -78,9 +80,13 @@ def main() -> None:
         logger = Logger(Path(tmp), tensorboard=True, log_every=cfg.logger.log_every, images=0)
         progress = EpochProgress("none")
 
-        def mtl_round() -> None:
+        state = TrainState(cfg, model, tasks, weighting, optimizer, None, scaler)
+        run = Run(state, device, logger, Path(tmp), progress=progress)
+
+        def mtl_round() -> None:  # the trainer's own steps (train.train_batches) over the same batches
             progress.start(0, 1, len(batches))
-            train_epoch(model, tasks, weighting, optimizer, scaler, batches, device, cfg, logger, progress, 0)
+            state.batch = 0
+            train_batches(run, batches, len(batches))
             progress.stop()
 
         timings: dict[str, list[float]] = {"mtl trainer": [], "plain loop": []}

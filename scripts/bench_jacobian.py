@@ -102,7 +102,8 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     tasks = {name: task.to(device) for name, task in build_tasks(cfg).items()}
-    loader = build_loader(cfg, build_dataset(cfg, "train"), shuffle=torch.Generator().manual_seed(0))
+    loader = build_loader(cfg, build_dataset(cfg, "train"), train=True)
+    loader.batch_sampler.set_epoch(0)
     batches = [to_device(b, device) for _, b in zip(range(args.steps), loader)]
     model = build_model(cfg, tasks).to(device).train()
     shared = list(model.shared_parameters())

@@ -27,7 +27,8 @@ from mtl_cli.build import build_dataset, build_loader, build_model, build_optimi
 from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.progress import EpochProgress
 from mtl_cli.paths import config_dir
-from mtl_cli.train import train_epoch
+from mtl_cli.engine.state import TrainState
+from mtl_cli.train import Run, train_batches
 from mtl_cli.weighting.base import GradientWeighting
 
 TASK_SETS = {2: ["segmentation", "depth"], 3: ["segmentation", "depth", "normals"],
@@ -68,7 +69,8 @@ def main() -> None:
             base = compose("train", overrides=[f"tasks=[{','.join(TASK_SETS[count])}]", *args.overrides])
         torch.manual_seed(0)
         tasks = build_tasks(base)
-        loader = build_loader(base, build_dataset(base, "train"), shuffle=torch.Generator().manual_seed(0))
+        loader = build_loader(base, build_dataset(base, "train"), train=True)
+        loader.batch_sampler.set_epoch(0)
         batches = [b for _, b in zip(range(args.steps), loader)]
         model0 = build_model(base, tasks)
         runs = {}
@@ -94,7 +96,9 @@ def main() -> None:
             for round_ in range(args.rounds + 1):  # round 0 warms up
                 for key, (cfg, model, weighting, optimizer) in runs.items():
                     start = time.perf_counter()
-                    train_epoch(model, tasks, weighting, optimizer, scaler, batches, device, cfg, logger, progress, 0)
+                    run = Run(TrainState(cfg, model, tasks, weighting, optimizer, None, scaler), device, logger,
+                              Path(tmp), progress=progress)
+                    train_batches(run, batches, len(batches))
                     if round_:
                         timings[key].append((time.perf_counter() - start) / len(batches))
         trunk = trunk_backward_seconds(copy.deepcopy(model0).train(), batches[:2])

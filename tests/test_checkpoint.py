@@ -77,42 +77,36 @@ def test_round_trip_of_tensors_config_text_and_rng_state(tmp_path):
 
 
 def test_round_trip_of_the_real_training_state(tmp_path):
-    """What train.py saves (model, weighting, optimizer, scheduler, scaler) passes torch.load(weights_only=True)
-    and loads back into freshly built parts."""
-    from mtl_cli.train import checkpoint_state
+    """What the training state saves (model, weighting, optimizer, scheduler, scaler, counters) passes
+    torch.load(weights_only=True) and restores into a freshly built state."""
+    from mtl_cli.engine.state import build_state
 
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=["tasks=[depth,classification]", "weighting=dwa", "optimizer=adamw",
                                           "scheduler=cosine", "backbone.widths=[4,8,8,8]"])
 
-    def parts():
+    def fresh():
         torch.manual_seed(0)
-        tasks = build_tasks(cfg)
-        model, weighting = build_model(cfg, tasks), build_weighting(cfg, tasks)
-        optimizer = build_optimizer(cfg, model, weighting)
-        return model, weighting, optimizer, build_scheduler(cfg, optimizer), torch.amp.GradScaler("cpu", enabled=False)
+        return build_state(cfg, torch.device("cpu"))
 
-    model, weighting, optimizer, scheduler, scaler = parts()
-    out = model(torch.rand(2, 3, 32, 32))
+    state = fresh()
+    out = state.model(torch.rand(2, 3, 32, 32))
     losses = {"depth": out["depth"].abs().mean(), "classification": out["classification"].square().mean()}
-    weighting.backward(losses, model, scaler)
-    optimizer.step()
-    scheduler.step()
-    weighting.epoch_end()
-    state = {"epoch": 1, "step": 1, "best": 0.5, "best_results": None, "results": None}
-    save_checkpoint(checkpoint_state(cfg, model, weighting, optimizer, scheduler, scaler, state), tmp_path / "last.pt")
-    loaded = load_checkpoint(tmp_path / "last.pt")
+    state.weighting.backward(losses, state.model, state.scaler)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.weighting.epoch_end()
+    state.epoch, state.step, state.batch, state.best = 1, 1, 3, 0.5
+    state.save(tmp_path / "last.pt")
+    loaded = load_checkpoint(tmp_path / "last.pt", "resume")
 
-    model2, weighting2, optimizer2, scheduler2, scaler2 = parts()
-    model2.load_state_dict(loaded["model"])
-    weighting2.load_state_dict(loaded["weighting"])
-    optimizer2.load_state_dict(loaded["optimizer"])
-    scheduler2.load_state_dict(loaded["scheduler"])
-    scaler2.load_state_dict(loaded["scaler"])
-    _assert_same(model2.state_dict(), model.state_dict())
-    _assert_same(weighting2.state_dict(), weighting.state_dict())
-    _assert_same(optimizer2.state_dict()["state"], optimizer.state_dict()["state"])
-    assert scheduler2.state_dict() == scheduler.state_dict()
+    again = fresh()
+    again.restore(loaded)
+    _assert_same(again.model.state_dict(), state.model.state_dict())
+    _assert_same(again.weighting.state_dict(), state.weighting.state_dict())
+    _assert_same(again.optimizer.state_dict()["state"], state.optimizer.state_dict()["state"])
+    assert again.scheduler.state_dict() == state.scheduler.state_dict()
+    assert (again.epoch, again.step, again.batch, again.best) == (1, 1, 3, 0.5)
     assert OmegaConf.create(loaded["config"]).weighting._target_.endswith("DynamicWeightAverage")
 
 

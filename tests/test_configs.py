@@ -24,7 +24,8 @@ from mtl_cli.errors import UserError
 from mtl_cli.models.heads import DenseHead, PooledHead
 from mtl_cli.paths import config_dir
 from mtl_cli.runtime import autocast, pick_device
-from mtl_cli.train import Monitor
+from mtl_cli.engine.batches import Scores
+from mtl_cli.engine.monitor import Monitor
 from mtl_cli.weighting.gradients import FeatureCut
 
 CONFIGS = config_dir()
@@ -152,13 +153,13 @@ def check_builds_and_runs(cfg, tmp_path):
         task.check_targets(batch)
         losses[name] = task.loss(outputs[name], target)
         assert losses[name].shape == () and torch.isfinite(losses[name]), name
-        task.update_metrics(detached(outputs[name]), target)
-        values = task.compute_metrics()
+        scores = Scores({name: task})
+        scores.update({name: detached(outputs[name])}, batch)
+        values = scores.compute()["metrics"][name]
         assert values and set(values) == set(task.directions()), name
         undefined = {"verif_acc", "verif_auc"} if len(batch["image"]) < 4 else set()  # one pair: one kind only
         assert all(isinstance(v, float) and (k in undefined or not math.isnan(v)) for k, v in values.items()), (
             name, values)
-        task.reset_metrics()
 
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from torch import fx, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchvision.models import get_model
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import FrozenBatchNorm2d
@@ -272,3 +273,17 @@ def test_summary_counts_vit_attention_by_hand():
     attention = 2 * tokens * tokens * width  # q k^T and (attention) v, all heads
     (row, _) = summarize(backbone, (SIZE, SIZE))
     assert row["macs"] == patch_embedding + layers * (linear + attention)
+
+
+def test_summary_counts_a_frozen_vit_the_same_under_any_sdpa_backend():
+    """Frozen weights send nn.MultiheadAttention to its fused eval kernel even with autograd on, and the caller's
+    choice of attention kernel reaches the summary: neither may change the count."""
+    trainable = torchvision_backbone("vit_b_16", ["encoder.layers.encoder_layer_11"], layout="tokens", image_size=SIZE)
+    frozen = torchvision_backbone("vit_b_16", ["encoder.layers.encoder_layer_11"], layout="tokens", image_size=SIZE,
+                                  frozen_stages=1)
+    (expected, _) = summarize(trainable, (SIZE, SIZE))
+    for backend in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(backend):
+            (row, _) = summarize(frozen, (SIZE, SIZE))
+        assert (row["macs"], row["trainable"]) == (expected["macs"], 0), backend
+    assert torch.backends.mha.get_fastpath_enabled()  # the summary leaves the setting as it found it

@@ -399,6 +399,10 @@ class DigitScenes(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def describe(self, index: int, key: str | None = None) -> str:
+        """What generates sample `index` (for messages): the scene's index and the dataset's seed."""
+        return f"scene {index}, seed {self.seed}"
+
     def scene(self, index: int) -> dict[str, np.ndarray]:
         """The generator's full output for scene ``index`` (numpy; see :func:`generate_scene`).
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from mtl_cli.data.checks import sample_name
 from mtl_cli.errors import UserError
 
 STRATEGIES = ("round_robin", "proportional", "temperature")
@@ -54,6 +55,11 @@ class MultiDataset(Dataset):
 
     def member_of(self, index: int) -> int:
         return bisect.bisect_right(self.offsets, index) - 1
+
+    def describe(self, index: int, key: str | None = None) -> str:
+        """The member of sample `index` and the member's name of it, for messages."""
+        m = self.member_of(index)
+        return f"member {self.names[m]!r}, {sample_name(self.members[m], index - self.offsets[m], key)}"
 
     def __getitem__(self, index: int):
         m = self.member_of(index)

@@ -94,6 +94,10 @@ class NpyFolders(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def describe(self, index: int, key: str | None = None) -> str:
+        """The file of entry `key` (the image's if None) of sample `index`, for messages."""
+        return str(self.dir / self.folders.get(key or "image", self.folders["image"]) / f"{self.ids[index]}.npy")
+
     def _read(self, key: str, index: int) -> np.ndarray:
         """The array of target `key` of sample `index`, as [C, H, W] (or [H, W] for a label map), shape-checked."""
         path = self.dir / self.folders[key] / f"{self.ids[index]}.npy"

@@ -10,23 +10,45 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 
-class SeededBatches(Sampler):
-    """The batches of `batches` (lists of indices), each index paired with its sample's seed."""
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for one epoch's shuffle, independent across (seed, epoch) pairs (seed + epoch would make seed 1
+    replay seed 0's orders one epoch later)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
 
-    def __init__(self, batches: Iterable[list[int]], generator: torch.Generator):
-        self.batches, self.generator = batches, generator
+
+class SeededBatches(Sampler):
+    """The batches of `batches` (lists of indices), each index paired with its sample's seed.
+
+    `generator` is the one `batches` shuffles with; `set_epoch(e)` seeds it for epoch e of the run seeded `seed`,
+    so an epoch's order and augmentation depend on (seed, epoch) alone. `skip(k)` makes the next pass start after
+    its first k batches (a resume in the middle of an epoch), without loading them and with the same seeds for
+    the batches after."""
+
+    def __init__(self, batches: Iterable[list[int]], generator: torch.Generator, seed: int = 0):
+        self.batches, self.generator, self.seed = batches, generator, int(seed)
+        self.skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+
+    def skip(self, k: int) -> None:
+        self.skipped = int(k)
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        skipped, self.skipped = self.skipped, 0
         seeds = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=self.generator)))
-        for batch in self.batches:
-            yield list(zip(batch, torch.randint(2**62, (len(batch),), generator=seeds).tolist()))
+        for i, batch in enumerate(self.batches):
+            batch_seeds = torch.randint(2**62, (len(batch),), generator=seeds).tolist()
+            if i >= skipped:
+                yield list(zip(batch, batch_seeds))
 
 
 class SeededSamples(Dataset):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointSchedule:
+    """When last.pt is written inside an epoch (trainer.checkpoint_every_n_steps, trainer.checkpoint_every_minutes;
+    either may be null). The epoch's end always writes it."""
+
+    def __init__(self, every_n_steps: int | None, every_minutes: float | None):
+        self.steps = int(every_n_steps) if every_n_steps else None
+        self.seconds = float(every_minutes) * 60 if every_minutes else None
+        self.last_step, self.last_time = None, time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if step == self.last_step:  # nothing new since the last save (a batch without labels makes no step)
+            return False
+        by_steps = self.steps is not None and step % self.steps == 0
+        return by_steps or (self.seconds is not None and time.monotonic() - self.last_time >= self.seconds)
+
+    def saved(self, step: int) -> None:
+        self.last_step, self.last_time = step, time.monotonic()

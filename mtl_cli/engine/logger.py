@@ -36,6 +36,20 @@ class Logger:
         if self.writer is not None:
             self.writer.add_images(tag, images.clamp(0, 1).cpu(), step)
 
+    def validation(self, tasks, results: dict, step: int) -> None:
+        """Validation scalars, and example predictions next to their targets as images."""
+        from mtl_cli.engine.batches import flatten
+
+        self.scalars(flatten(results), step)
+        examples = results["examples"]
+        if not examples:
+            return
+        self.images("images/input", examples["image"], step)
+        for name, task in tasks.items():
+            if task.visualize is not None and name in examples["targets"]:
+                pair = [task.visualize(examples["targets"][name]), task.visualize(examples["outputs"][name])]
+                self.images(f"images/{name} (target | prediction)", torch.cat(pair, dim=-1), step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

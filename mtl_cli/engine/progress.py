@@ -24,14 +24,16 @@ class EpochProgress:
         self.mode = mode
         self.bar: Progress | None = None
 
-    def start(self, epoch: int, max_epochs: int, batches: int) -> None:
+    def start(self, epoch: int, max_epochs: int, batches: int, done: int = 0) -> None:
+        """Epoch `epoch` of `max_epochs`, `batches` long, `done` of them already (a resume inside the epoch)."""
         self.epoch, self.max_epochs = epoch, max_epochs
         if self.mode == "bar":
             self.bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                                 transient=True)
             self.bar.start()
-            self.task = self.bar.add_task("train", total=batches, epoch=f"{epoch + 1}/{max_epochs}", info="")
+            self.task = self.bar.add_task("train", total=batches, completed=done, epoch=f"{epoch + 1}/{max_epochs}",
+                                          info="")
 
     def advance(self, step: int, info: Mapping[str, float] | None = None) -> None:
         """One training step done; `info` (losses and the like) is given on logging steps only."""

@@ -10,12 +10,12 @@ runs (`baselines_from: [run dir, ...]`, their best validation results).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from mtl_cli.engine.records import read_record, scored_metrics
 from mtl_cli.errors import UserError
 
 log = logging.getLogger("mtl")
@@ -100,10 +100,8 @@ def baselines_from_runs(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, f
             raise UserError(f"baselines_from: {path} does not exist; give the run directories of finished mtl "
                             "train runs (each holds a metrics.json)")
         try:
-            report = json.loads(path.read_text())
-            results = report.get("best") or report["final"]
-            metrics = results["metrics"]
-        except (ValueError, KeyError, TypeError, AttributeError):
+            metrics = scored_metrics(read_record(path))
+        except (UserError, KeyError, TypeError, AttributeError):
             raise UserError(f"baselines_from: {path} is not a metrics.json written by mtl train") from None
         for task, values in metrics.items():
             if task in baselines:

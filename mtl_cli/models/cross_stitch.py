@@ -17,6 +17,7 @@ from torch import nn
 
 from mtl_cli.errors import UserError
 from mtl_cli.models.backbones import Backbone
+from mtl_cli.models.base import MultiTaskModel, make_heads
 
 
 class CrossStitchUnit(nn.Module):
@@ -34,7 +35,7 @@ class CrossStitchUnit(nn.Module):
         return list(mixed.unbind(0))
 
 
-class CrossStitch(nn.Module):
+class CrossStitch(MultiTaskModel):
     """image -> T backbone columns, run stage by stage with cross-stitch units between -> head t on column t."""
 
     def __init__(self, backbone: Callable[[], Backbone], heads: Mapping[str, Callable[..., nn.Module]],
@@ -52,8 +53,7 @@ class CrossStitch(nn.Module):
                 channels.append(first.to_map(x).shape[1])
             first.train()
         self.units = nn.ModuleList(CrossStitchUnit(len(heads), c, float(self_weight), per_channel) for c in channels)
-        self.heads = nn.ModuleDict({task: make(in_channels=first.channels, strides=first.strides)
-                                    for task, make in heads.items()})
+        self.heads = make_heads(heads, first.channels, first.strides)
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         columns = list(self.columns.values())
@@ -74,9 +74,6 @@ class CrossStitch(nn.Module):
         count = len(features) // len(self.heads)
         return {task: head(features[i * count:(i + 1) * count], size)
                 for i, (task, head) in enumerate(self.heads.items())}
-
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.decode(self.encode(image), image.shape[-2:])
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.columns.parameters()

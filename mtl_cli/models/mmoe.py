@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from mtl_cli.models.backbones import Backbone
-from mtl_cli.models.hps import make_heads
-from mtl_cli.models.mtan import conv_bn
+from mtl_cli.models.base import MultiTaskModel, conv_bn, make_heads
 
 
 def expert(channels: int, reduction: int) -> nn.Sequential:
@@ -25,7 +24,7 @@ def expert(channels: int, reduction: int) -> nn.Sequential:
                          conv_bn(hidden, channels, 1, nn.ReLU(inplace=True)))
 
 
-class MMoE(nn.Module):
+class MMoE(MultiTaskModel):
     """image -> backbone -> E experts per stage (shared) -> per task: gate-weighted sum of the experts -> head.
 
     `encode` returns, stage by stage, the E experts' maps, then the backbone's coarsest map (the gates' input)."""
@@ -56,9 +55,6 @@ class MMoE(nn.Module):
             gate = torch.softmax(self.gates[task](pooled), dim=1)[:, :, None, None, None]  # [B,E,1,1,1]
             outputs[task] = head([(gate * s).sum(1) for s in stacked], size)
         return outputs
-
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.decode(self.encode(image), image.shape[-2:])
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.backbone.parameters()

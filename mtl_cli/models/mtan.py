@@ -19,11 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_cli.models.backbones import Backbone
-from mtl_cli.models.hps import make_heads
-
-
-def conv_bn(c_in: int, c_out: int, kernel: int, last: nn.Module) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(c_out), last)
+from mtl_cli.models.base import MultiTaskModel, conv_bn, make_heads
 
 
 class TaskAttention(nn.Module):
@@ -50,7 +46,7 @@ class TaskAttention(nn.Module):
         return attended
 
 
-class MTAN(nn.Module):
+class MTAN(MultiTaskModel):
     """image -> backbone (shared) -> per task: attention over every tapped stage -> head."""
 
     def __init__(self, backbone: Callable[[], Backbone], heads: Mapping[str, Callable[..., nn.Module]],
@@ -65,9 +61,6 @@ class MTAN(nn.Module):
 
     def decode(self, features: list[torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
         return {task: head(self.attention[task](features), size) for task, head in self.heads.items()}
-
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.decode(self.encode(image), image.shape[-2:])
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         return self.backbone.parameters()

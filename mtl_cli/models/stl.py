@@ -13,16 +13,17 @@ import torch
 from torch import nn
 
 from mtl_cli.models.backbones import Backbone
+from mtl_cli.models.base import MultiTaskModel, make_heads
 
 
-class SingleTask(nn.Module):
+class SingleTask(MultiTaskModel):
     """image -> backbone t -> head t, for every task t; `encode` returns the maps of all backbones, task by task."""
 
     def __init__(self, backbone: Callable[[], Backbone], heads: Mapping[str, Callable[..., nn.Module]]):
         super().__init__()
         self.backbones = nn.ModuleDict({task: backbone() for task in heads})
-        self.heads = nn.ModuleDict({task: make(in_channels=self.backbones[task].channels,
-                                               strides=self.backbones[task].strides) for task, make in heads.items()})
+        first = next(iter(self.backbones.values()))  # every backbone is built alike
+        self.heads = make_heads(heads, first.channels, first.strides)
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         return [f for backbone in self.backbones.values() for f in backbone(image)]
@@ -34,9 +35,6 @@ class SingleTask(nn.Module):
             outputs[task] = head(features[start:start + count], size)
             start += count
         return outputs
-
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.decode(self.encode(image), image.shape[-2:])
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         return self.backbones.parameters()

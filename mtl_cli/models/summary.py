@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -20,11 +21,18 @@ def summarize(model: nn.Module, image_size: tuple[int, int]) -> list[dict]:
     parts = model.parts() if hasattr(model, "parts") else {"model": [model]}
     names = {id(m): f"{type(model).__name__}.{n}" if n else type(model).__name__ for n, m in model.named_modules()}
     device = next(model.parameters()).device
-    was_training = model.training
-    # with autograd on: under no_grad, nn.MultiheadAttention takes a fused kernel that FlopCounterMode misses
-    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
-        model.eval()(torch.zeros(1, 3, *image_size, device=device))
-    model.train(was_training)
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
+    # FlopCounterMode has no formula for some fused attention kernels (nn.MultiheadAttention's eval fast path, which
+    # hides its projections too; scaled_dot_product_attention's CPU flash kernel), and which kernel runs depends on
+    # the torch build, autograd and frozen weights. So count one path everywhere: no fast path, and attention by the
+    # math backend, which is plain matrix products.
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model.eval()(torch.zeros(1, 3, *image_size, device=device))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        model.train(was_training)
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     rows = []
     for part, modules in parts.items():
@@ -74,3 +82,25 @@ def human(count: int) -> str:
         if count >= size:
             return f"{count / size:.2f}{unit}"
     return str(count)
+
+
+def input_size(dataset) -> tuple[int, int]:
+    """The image size of the first sample that is not a skipped bad file; its random augmentation draws from a
+    forked generator, so that the run's random stream (and an exact resume) does not depend on this look."""
+    from mtl_cli.errors import UserError
+
+    with torch.random.fork_rng(devices=[]):
+        first = next((s for s in map(dataset.__getitem__, range(len(dataset))) if s), None)
+    if first is None:
+        raise UserError("every sample of the train split is bad (data.skip_bad=true skipped them all)")
+    return tuple(first["image"].shape[-2:])
+
+
+def log_summary(model: nn.Module, size: tuple[int, int], cfg, logger) -> None:
+    """The summary on the console and in TensorBoard's text tab."""
+    import logging
+
+    title = f"model: {type(model).__name__}, {cfg.backbone.get('name', 'small_cnn')}, {size[0]}x{size[1]} input"
+    rows = summarize(model, size)
+    logging.getLogger("mtl").info(summary_table(rows, title))
+    logger.text("model", summary_markdown(rows, title))

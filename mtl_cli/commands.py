@@ -1,0 +1,81 @@
+"""The Hydra entries of `mtl train` and `mtl eval`.
+
+Light to import on purpose: `--help`, `--cfg job` and tab completion only compose a config, so torch and the
+recipes (train.py, evaluate.py) are imported inside the task functions, which run only for a real job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.object_type import ObjectType
+from omegaconf import DictConfig
+
+from mtl_cli.errors import Interrupted, reports_user_errors
+from mtl_cli.paths import config_dir
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@reports_user_errors("train")
+def train_command(cfg: DictConfig) -> float | None:
+    """Returns the best value of the monitored metric (what a Hydra sweeper such as Optuna optimises)."""
+    from mtl_cli.engine.state import HydraValues, load_run
+    from mtl_cli.runtime import without_trust
+    from mtl_cli.train import train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    checkpoint, resume = None, resume_path(cfg.resume, run_dir)
+    if resume is not None:
+        cfg, checkpoint = load_run(resume, cfg, "resume", HydraValues.of(HydraConfig.get()))
+    try:
+        return train(without_trust(cfg), run_dir, checkpoint)
+    except KeyboardInterrupt:
+        last = run_dir / "checkpoints" / "last.pt"
+        raise Interrupted(f"the last checkpoint is {last}: continue with mtl train resume={last}" if last.is_file()
+                          else f"no checkpoint was written yet in {run_dir}") from None
+
+
+def resume_path(resume: str | None, run_dir: Path) -> Path | None:
+    """resume=auto: the run dir's own last.pt when there is one (a requeued job continues), else a fresh start."""
+    if resume != "auto":
+        return None if resume is None else Path(str(resume))
+    last = run_dir / "checkpoints" / "last.pt"
+    return last if last.is_file() else None
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
+@reports_user_errors("eval")
+def eval_command(cfg: DictConfig) -> dict:
+    from mtl_cli.evaluate import evaluate_checkpoint
+
+    from mtl_cli.engine.state import HydraValues
+
+    return evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir), HydraValues.of(HydraConfig.get()))
+
+
+@contextlib.contextmanager
+def group_options_once():
+    """Hydra's --help and tab completion ask for the options of config groups dozens of times, each time
+    deep-copying Hydra's whole config repository (most of `mtl train --help`'s time): here the questions asked with
+    the same primary config and overrides share one copy. (Hydra internals: should they move, only speed is lost.)"""
+    try:
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        ask, prepare = ConfigLoaderImpl.get_group_options, ConfigLoaderImpl._parse_overrides_and_create_caching_repo
+    except (ImportError, AttributeError):
+        yield
+        return
+    repos = {}
+
+    def once(self, group_name, results_filter=ObjectType.CONFIG, config_name=None, overrides=None):
+        key = (id(self), config_name, tuple(overrides or ()))
+        if key not in repos:
+            repos[key] = prepare(self, config_name, list(overrides or ()))[1]
+        return repos[key].get_group_options(group_name, results_filter)
+    ConfigLoaderImpl.get_group_options = once
+    try:
+        yield
+    finally:
+        ConfigLoaderImpl.get_group_options = ask

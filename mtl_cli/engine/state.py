@@ -1,0 +1,152 @@
+"""The training state: everything a run owns and a checkpoint holds, written and read in one place; and `load_run`,
+the one way a checkpoint plus this command line's overrides becomes a config (resume, mtl eval, and later predict
+and export)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mtl_cli.build import build_model, build_optimizer, build_scheduler, build_tasks, build_weighting
+from mtl_cli.engine.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from mtl_cli.errors import RunFailed
+from mtl_cli.runtime import config_from_checkpoint
+from mtl_cli.schema import check_config
+from mtl_cli.tasks import Task
+from mtl_cli.weighting.base import Weighting
+
+log = logging.getLogger("mtl")
+
+COUNTERS = ("epoch", "step", "batch", "best", "best_results", "results", "skipped_steps")
+
+
+@dataclass
+class TrainState:
+    """The parts of a run and where it stands. `epoch` counts finished epochs, `step` optimizer steps, `batch` the
+    batches drawn so far in the epoch under way (a checkpoint written inside an epoch resumes after them)."""
+
+    cfg: DictConfig
+    model: nn.Module
+    tasks: dict[str, Task]
+    weighting: Weighting
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    epoch: int = 0
+    step: int = 0
+    batch: int = 0
+    best: float | None = None
+    best_results: dict | None = None
+    results: dict | None = None
+    skipped_steps: int = 0
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything an exact resume needs, in types that torch.load(weights_only=True) reads. The config is kept
+        unresolved, so that an override on resume (trainer.max_epochs=...) reaches what interpolates it."""
+        return {"config": OmegaConf.to_yaml(self.cfg), "model": self.model.state_dict(),
+                "weighting": self.weighting.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                **{key: getattr(self, key) for key in COUNTERS}}
+
+    def save(self, path: Path) -> None:
+        """Writes the checkpoint atomically; a model holding NaN or infinite weights is never written (the file
+        there keeps the last finite ones)."""
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]  # buffers too (BN stats)
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            kept = f"{path} keeps the last finite weights" if path.exists() else f"{path.name} is not written"
+            raise NonFinite(f"the model's weights are no longer finite at step {self.step}: {kept}")
+        save_checkpoint(self.checkpoint(), path)
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Every part, counter and random generator as they were when `checkpoint` was written.
+
+        Settings changed on the resuming command line take effect from the saved point on: new optimizer
+        hyperparameters (optimizer.lr=...) replace the saved ones, and a changed schedule (scheduler.*, or
+        trainer.max_epochs for the cosine schedule) is rebuilt and replayed up to the saved epoch."""
+        load_state(self.model, checkpoint["model"], "model")
+        load_state(self.weighting, checkpoint["weighting"], "weighting")
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        saved = OmegaConf.create(checkpoint["config"])
+        new_optimizer = resolved(saved.optimizer) != resolved(self.cfg.optimizer)
+        if new_optimizer:
+            for group in self.optimizer.param_groups:
+                group.update(self.optimizer.defaults, initial_lr=self.optimizer.defaults["lr"])
+        if not new_optimizer and resolved(saved.scheduler) == resolved(self.cfg.scheduler):
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        else:
+            self.scheduler = replayed_scheduler(self.cfg, self.optimizer, checkpoint["epoch"])
+        for key in COUNTERS:  # checkpoints of earlier versions lack `batch` and `skipped_steps`
+            setattr(self, key, checkpoint.get(key, 0 if key in ("batch", "skipped_steps") else None))
+        set_rng_state(checkpoint["rng"])
+
+
+class NonFinite(RunFailed):
+    """The run met a NaN or infinite loss, gradient or weight (trainer.nonfinite)."""
+
+
+def build_state(cfg: DictConfig, device: torch.device) -> TrainState:
+    """Tasks, model, weighting, optimizer, schedule and gradient scaler of `cfg`, on `device`."""
+    tasks = {name: task.to(device) for name, task in build_tasks(cfg).items()}
+    model = build_model(cfg, tasks).to(device)
+    weighting = build_weighting(cfg, tasks).to(device)
+    optimizer = build_optimizer(cfg, model, weighting)
+    scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16")
+    return TrainState(cfg, model, tasks, weighting, optimizer, build_scheduler(cfg, optimizer), scaler)
+
+
+def replayed_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: int):
+    """A schedule built anew from `cfg` and stepped `epochs` times from the optimizer's initial learning rates."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"]
+    scheduler = build_scheduler(cfg, optimizer)
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": this is a replay
+        warnings.simplefilter("ignore")
+        for _ in range(epochs):
+            scheduler.step()
+    return scheduler
+
+
+def resolved(node) -> object:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+@dataclass(frozen=True)
+class HydraValues:
+    """What Hydra recorded of this command line, passed in rather than read from Hydra's global: the overrides as
+    typed, the group choices, and the config folders searched."""
+    typed: list[str]
+    groups: Any
+    config_sources: Any
+
+    @classmethod
+    def of(cls, hydra_cfg) -> HydraValues:
+        return cls(list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices, hydra_cfg.runtime.config_sources)
+
+
+def load_run(path: str | Path, composed: DictConfig, purpose: str, hydra: HydraValues
+             ) -> tuple[DictConfig, dict[str, Any]]:
+    """The checkpoint at `path` (checked for `purpose`: "eval" or "resume") and the config it was trained with,
+    with the overrides typed on this command line applied on top and checked. Resume, mtl eval, and later predict
+    and export all start here."""
+    checkpoint = load_checkpoint(path, purpose)
+    cfg = config_from_checkpoint(checkpoint, composed, typed=hydra.typed, groups=hydra.groups,
+                                 config_sources=hydra.config_sources)
+    check_config(cfg)
+    return cfg, checkpoint
+
+
+def trained_model(cfg: DictConfig, checkpoint: dict[str, Any], device: torch.device
+                  ) -> tuple[dict[str, Task], nn.Module]:
+    """The tasks and the model of `cfg` with the checkpoint's weights, on `device`, in eval mode."""
+    tasks = {name: task.to(device) for name, task in build_tasks(cfg).items()}
+    model = build_model(cfg, tasks)
+    load_state(model, checkpoint["model"], "model")
+    return tasks, model.to(device).eval()
