@@ -8,7 +8,6 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,11 +20,12 @@ from mtl_cli.engine.checkpoint import CheckpointSchedule
 from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.meter import StepMeter
 from mtl_cli.engine.monitor import Monitor
+from mtl_cli.engine.nonfinite import NonFinitePolicy, gradient_norm
 from mtl_cli.engine.progress import EpochProgress
 from mtl_cli.engine.records import train_record, write_record
 from mtl_cli.engine.report import metrics_table
 from mtl_cli.engine.signals import StopRequests
-from mtl_cli.engine.state import NonFinite, TrainState, build_state
+from mtl_cli.engine.state import TrainState, build_state
 from mtl_cli.errors import Stopped, UserError
 from mtl_cli.metrics.delta_m import DeltaM
 from mtl_cli.models.summary import input_size, log_summary
@@ -50,8 +50,8 @@ class Run:
     stops: StopRequests = field(default_factory=StopRequests)
     progress: EpochProgress = field(default_factory=lambda: EpochProgress("none"))
     meter: StepMeter = field(default_factory=StepMeter)
+    nonfinite: NonFinitePolicy = field(default_factory=NonFinitePolicy)
     checked: set = field(default_factory=set)  # the sets of tasks whose targets a batch was checked for
-    skips_in_a_row: int = 0
 
     @property
     def last(self) -> Path:
@@ -102,7 +102,8 @@ def prepare(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> Run:
     saves = CheckpointSchedule(cfg.trainer.get("checkpoint_every_n_steps"), cfg.trainer.get("checkpoint_every_minutes"))
     val_loader = build_loader(cfg, build_dataset(cfg, cfg.data.split), pin=pin)
     return Run(state, device, logger, run_dir, train_loader, val_loader, monitor, delta, saves,
-               progress=EpochProgress(cfg.trainer.progress))
+               progress=EpochProgress(cfg.trainer.progress),
+               nonfinite=NonFinitePolicy(cfg.trainer.nonfinite, cfg.trainer.nonfinite_patience))
 
 
 def finished(state: TrainState) -> bool:
@@ -143,7 +144,7 @@ def train_batches(run: Run, batches, length: int) -> None:
 
 def train_step(run: Run, batch: dict) -> None:
     """One optimizer step on `batch`: forward through the feature cut, the weighting fills the gradients, the
-    optimizer steps unless a loss or gradient is not finite (trainer.nonfinite)."""
+    optimizer steps unless a loss or gradient is not finite (engine/nonfinite.py)."""
     state, cfg = run.state, run.state.cfg
     check_targets(run, batch)
     batch = to_device(batch, run.device)
@@ -158,7 +159,8 @@ def train_step(run: Run, batch: dict) -> None:
     logs = state.weighting.backward(losses, state.model, state.scaler, cut, log_grads=logged,
                                     measure=logged and bool(cfg.trainer.log_grad_conflicts))
     del outputs, cut  # the step's graph goes now, not after the next forward
-    if not finite_step(run, losses):
+    norm = gradient_norm(state, cfg.trainer.grad_clip)  # clipped to trainer.grad_clip if set
+    if not run.nonfinite.allows(state, losses, norm, run.last):
         return
     state.scaler.step(state.optimizer)
     state.scaler.update()
@@ -171,50 +173,6 @@ def train_step(run: Run, batch: dict) -> None:
         run.logger.scalars(scalars, state.step)
         info = {tag.removeprefix("train/loss/"): v for tag, v in scalars.items() if tag.startswith("train/loss/")}
     run.progress.advance(state.step, info)
-
-
-def finite_step(run: Run, losses: dict[str, torch.Tensor]) -> bool:
-    """Whether every loss and the gradient are finite (one synchronisation), after clipping the gradient if asked.
-    A step that is not: with trainer.nonfinite=skip it makes no update and is counted, until
-    trainer.nonfinite_patience skips in a row; with stop (the default) the run ends, naming the step and tasks.
-    With fp16 the gradient scaler keeps skipping its own overflow steps, as it always does."""
-    state, cfg = run.state, run.state.cfg
-    values = [loss.detach().float() for loss in losses.values()]
-    params = [p for group in state.optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if cfg.trainer.grad_clip is not None:
-        state.scaler.unscale_(state.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.trainer.grad_clip))
-    else:
-        norm = None if state.scaler.is_enabled() else torch.nn.utils.get_total_norm([p.grad for p in params])
-    if norm is not None and not state.scaler.is_enabled():
-        values.append(norm.float())
-    if bool(torch.isfinite(torch.stack(values)).all()):
-        run.skips_in_a_row = 0
-        return True
-    state.optimizer.zero_grad(set_to_none=True)
-    bad = [name for name, loss in losses.items() if not torch.isfinite(loss.detach()).all()]
-    what = f"the loss of {', '.join(bad)} is" if bad else "the gradient is (the losses are finite)"
-    where = f"step {state.step + 1} (epoch {state.epoch + 1}, batch {state.batch})"
-    run.skips_in_a_row += 1
-    patience = int(cfg.trainer.get("nonfinite_patience", 10))
-    if cfg.trainer.get("nonfinite", "stop") == "skip" and run.skips_in_a_row < patience:
-        state.skipped_steps += 1
-        log.warning(f"{where}: {what} not finite: skipped ({state.skipped_steps} so far, {run.skips_in_a_row} in a "
-                    f"row of at most {patience})")
-        return False
-    give_up(run, f"{where}: {what} NaN or infinite" + (f", {patience} steps in a row" if run.skips_in_a_row > 1
-                                                         else ""))
-
-
-def give_up(run: Run, reason: str) -> NoReturn:
-    """Ends a run that went non-finite; last.pt gets the current weights if they are still finite."""
-    try:
-        run.state.save(run.last)
-        kept = f"{run.last} holds the weights before that step"
-    except NonFinite:
-        kept = f"the checkpoints in {run.last.parent} keep the last finite weights"
-    raise NonFinite(f"{reason}: the run stops ({kept}). Lower optimizer.lr, set trainer.grad_clip, or use "
-                    "trainer.nonfinite=skip")
 
 
 def stop(run: Run) -> None:

@@ -1,4 +1,5 @@
-"""End to end through the installed `mtl` script, in subprocesses, on tiny embedded data."""
+"""End to end through `mtl` on tiny embedded data, in this process (cli.main); in subprocesses only where the
+process boundary is the point: the installed console script and SIGKILL."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_mtl
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -21,12 +23,10 @@ TINY = ["data.dataset.scenes={train:48,val:24,test:24}", "data.dataset.image_siz
 TASKS = ["segmentation", "depth", "normals", "count"]
 
 
-def mtl(*args: str, cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([MTL, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"mtl {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
+def ok(ran):
+    """The Ran of an `mtl` command that must succeed (tests/conftest.py)."""
+    assert ran.status == 0, ran
+    return ran
 
 
 def run_dirs(root: Path) -> list[Path]:
@@ -43,15 +43,23 @@ def scalar_tags(run_dir: Path) -> set[str]:
 def trained(tmp_path_factory) -> Path:
     """One tiny default training run, in the run dir Hydra picks under outputs/."""
     cwd = tmp_path_factory.mktemp("train")
-    result = mtl("train", *TINY, cwd=cwd)
+    ok(run_mtl("train", *TINY, cwd=cwd))
     (run_dir,) = run_dirs(cwd / "outputs")
-    (run_dir / "stdout.txt").write_text(result.stdout)
     return run_dir
 
 
-def test_help_lists_commands_and_every_config_group(tmp_path):
-    assert all(c in mtl("--help", cwd=tmp_path).stdout for c in ("train", "eval"))
-    text = mtl("train", "--help", cwd=tmp_path).stdout
+def test_the_console_script_prints_and_exits_as_main_returns(tmp_path):
+    """The installed `mtl` script: main's output, and its return value as the exit status."""
+    help = subprocess.run([MTL, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert help.returncode == 0 and all(c in help.stdout for c in ("train", "eval")), help
+    typo = subprocess.run([MTL, "trian"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and typo.stdout == "", typo
+    assert typo.stderr == "mtl: error: unknown command 'trian' (did you mean 'train'?); commands: train, eval, completion\n"
+
+
+def test_help_lists_commands_and_every_config_group(mtl_main):
+    assert all(c in ok(mtl_main("--help")).out for c in ("train", "eval"))
+    text = ok(mtl_main("train", "--help")).out
     groups = sorted(p.name for p in (Path(__file__).parents[1] / "configs").iterdir() if p.is_dir())
     for group in groups:
         assert f"{group}:" in text, group
@@ -87,19 +95,20 @@ def test_tensorboard_has_every_tag(trained):
     assert metrics["higher_is_better"]["depth"] == {"abs_err": False, "rel_err": False}
 
 
-def test_eval_reproduces_the_validation_of_training(trained, tmp_path):
+def test_eval_reproduces_the_validation_of_training(trained, mtl_main, tmp_path, monkeypatch):
     best = json.loads((trained / "metrics.json").read_text())["best"]
-    result = mtl("eval", f"ckpt={trained / 'checkpoints' / 'best.pt'}", cwd=tmp_path)
+    result = ok(mtl_main("eval", f"ckpt={trained / 'checkpoints' / 'best.pt'}"))  # in tmp_path
     (eval_dir,) = [p.parent for p in (tmp_path / "outputs").rglob("eval.json")]
     report = json.loads((eval_dir / "eval.json").read_text())
     assert report["split"] == "val" and report["epoch"] == best["epoch"]
     for task, values in best["metrics"].items():
         for metric, value in values.items():
             assert report["metrics"][task][metric] == pytest.approx(value, rel=1e-6, abs=1e-9), (task, metric)
-    assert (eval_dir / "eval.log").is_file() and "miou" in result.stdout
+    assert (eval_dir / "eval.log").is_file() and "miou" in result.out
     # An override on top of the checkpoint's config: the test split gives other numbers.
     (tmp_path / "t").mkdir()
-    mtl("eval", f"ckpt={trained / 'checkpoints' / 'best.pt'}", "data.split=test", cwd=tmp_path / "t")
+    monkeypatch.chdir(tmp_path / "t")
+    ok(mtl_main("eval", f"ckpt={trained / 'checkpoints' / 'best.pt'}", "data.split=test"))
     (test_report,) = [json.loads(p.read_text()) for p in (tmp_path / "t" / "outputs").rglob("eval.json")]
     assert test_report["split"] == "test" and test_report["metrics"] != report["metrics"]
 
@@ -110,8 +119,8 @@ def test_checkpoints_load_safely_and_hold_the_resolved_config(trained):
     assert "_target_: mtl_cli.models.hps.HardSharing" in state["config"]
 
 
-def test_sweep_makes_one_run_dir_each_with_its_own_events(tmp_path):
-    mtl("train", "-m", "weighting=ew,uw", "seed=0,1", *TINY, "trainer.max_epochs=1", cwd=tmp_path)
+def test_sweep_makes_one_run_dir_each_with_its_own_events(mtl_main, tmp_path):
+    ok(mtl_main("train", "-m", "weighting=ew,uw", "seed=0,1", *TINY, "trainer.max_epochs=1"))  # in tmp_path
     dirs = run_dirs(tmp_path / "multirun")
     assert len(dirs) == 4 and len({d.name for d in dirs}) == 4
     weights = set()
@@ -162,16 +171,18 @@ def test_eval_errors(mtl_main, tmp_path):
     assert no_ckpt.status == 2 and "ckpt" in no_ckpt.err
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(mtl_main, tmp_path):
+    """Only the killed run is a process of its own (on as many threads as this one: the same sums)."""
     args = [*TINY, "data.dataset.scenes={train:320,val:16,test:16}", "trainer.max_epochs=3", "logger=console"]
     straight = tmp_path / "straight"
-    mtl("train", *args, f"hydra.run.dir={straight}", cwd=tmp_path)
+    ok(mtl_main("train", *args, f"hydra.run.dir={straight}"))
 
     killed = tmp_path / "killed"
     log = tmp_path / "killed.out"
     with open(log, "w") as out:
         proc = subprocess.Popen([MTL, "train", *args, f"hydra.run.dir={killed}"], cwd=tmp_path, stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())})
         deadline = time.time() + 240
         while "epoch 2/3 step" not in log.read_text() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)
@@ -183,7 +194,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert saved["epoch"] in (1, 2)
 
     resumed = tmp_path / "resumed"
-    mtl("train", f"resume={killed / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={resumed}", cwd=tmp_path)
+    ok(mtl_main("train", f"resume={killed / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={resumed}"))
     final = json.loads((resumed / "metrics.json").read_text())
     assert final["epochs"] == 3
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
@@ -194,38 +205,38 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert json.loads((straight / "metrics.json").read_text())["final"] == final["final"]
 
 
-def test_users_own_config_dir_adds_options_and_cfg_job_prints_without_training(tmp_path):
+def test_users_own_config_dir_adds_options_and_cfg_job_prints_without_training(mtl_main, tmp_path):
     mine = tmp_path / "my_configs" / "backbone"
     mine.mkdir(parents=True)
     (mine / "wide_cnn.yaml").write_text("_target_: mtl_cli.models.backbones.small_cnn\n_partial_: true\n"
                                         "widths: [32, 64, 128, 256]\n")
-    result = mtl("train", "-cd", str(tmp_path / "my_configs"), "backbone=wide_cnn", "--cfg", "job", cwd=tmp_path)
-    assert "- 256" in result.stdout and not (tmp_path / "outputs").exists()
-    info = mtl("train", "-cd", str(tmp_path / "my_configs"), "--info", "searchpath", cwd=tmp_path)
-    assert str(tmp_path / "my_configs") in info.stdout
+    result = ok(mtl_main("train", "-cd", str(tmp_path / "my_configs"), "backbone=wide_cnn", "--cfg", "job"))
+    assert "- 256" in result.out and not (tmp_path / "outputs").exists()
+    info = ok(mtl_main("train", "-cd", str(tmp_path / "my_configs"), "--info", "searchpath"))
+    assert str(tmp_path / "my_configs") in info.out
 
 
-def test_a_checkpoint_cannot_make_mtl_call_functions_its_configs_do_not_name(trained, tmp_path):
+def test_a_checkpoint_cannot_make_mtl_call_functions_its_configs_do_not_name(trained, mtl_main, tmp_path):
     state = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
     marker = tmp_path / "pwned.txt"
     cfg = OmegaConf.create(state["config"])
     cfg.tasks.depth.loss = {"_target_": "numpy.savetxt", "fname": str(marker), "X": [1.0]}  # would write a file
     state["config"] = OmegaConf.to_yaml(cfg)
     torch.save(state, tmp_path / "evil.pt")
-    result = mtl("eval", f"ckpt={tmp_path / 'evil.pt'}", cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "numpy.savetxt" in result.stderr and "trust_checkpoint" in result.stderr
+    result = mtl_main("eval", f"ckpt={tmp_path / 'evil.pt'}")
+    assert result.status == 2 and "numpy.savetxt" in result.err and "trust_checkpoint" in result.err
     assert not marker.exists()
 
 
-def test_resume_with_workers_and_a_longer_schedule_matches_a_straight_run(tmp_path):
+def test_resume_with_workers_and_a_longer_schedule_matches_a_straight_run(mtl_main, tmp_path):
     """With a random transform: each sample is augmented with a seed of its own drawn from the epoch's shuffle
     generator, so which worker loads it, and what that worker loaded before, change nothing."""
     flip = "data.transforms.train=[{_target_: torchvision.transforms.v2.RandomHorizontalFlip}]"
     args = [*TINY, "data.num_workers=2", "logger=console", "data.dataset.image_size=30", flip]  # 30: not 4k
-    mtl("train", *args, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
-    mtl("train", *args, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'short'}", cwd=tmp_path)
-    mtl("train", f"resume={tmp_path / 'short' / 'checkpoints' / 'last.pt'}", "trainer.max_epochs=2",
-        f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path)
+    ok(mtl_main("train", *args, f"hydra.run.dir={tmp_path / 'straight'}"))
+    ok(mtl_main("train", *args, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'short'}"))
+    ok(mtl_main("train", f"resume={tmp_path / 'short' / 'checkpoints' / 'last.pt'}", "trainer.max_epochs=2",
+                f"hydra.run.dir={tmp_path / 'resumed'}"))
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
@@ -234,7 +245,6 @@ def test_resume_with_workers_and_a_longer_schedule_matches_a_straight_run(tmp_pa
         assert torch.equal(tensor, b["model"][name]), name
 
 
-def test_overriding_the_model_of_a_checkpoint_is_a_user_error(trained, tmp_path):
-    result = mtl("eval", f"ckpt={trained / 'checkpoints' / 'best.pt'}", "backbone=resnet18", cwd=tmp_path,
-                 check=False)
-    assert result.returncode == 2 and "does not fit" in result.stderr and "Traceback" not in result.stderr
+def test_overriding_the_model_of_a_checkpoint_is_a_user_error(trained, mtl_main):
+    result = mtl_main("eval", f"ckpt={trained / 'checkpoints' / 'best.pt'}", "backbone=resnet18")
+    assert result.status == 2 and "does not fit" in result.err and "Traceback" not in result.err

@@ -7,7 +7,6 @@ data=folder (tests/test_folder.py), copied and spoilt one array at a time."""
 
 from __future__ import annotations
 
-import gc
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import torch
 from test_configs import compose_cfg
 from test_folder import cfg_for, write_folder
 from test_npy_folders import NYU_SIZE, write_release
-from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from mtl_cli.build import build_dataset, resolve_data
 from mtl_cli.data.checks import LabelRange, SampleError, fits
@@ -53,16 +51,6 @@ def spoil_label(root: Path, split: str, index: int, value: float = 50.0) -> str:
     np.save(path, label)
     kept = label[label != -1]
     return f"but the sample holds labels from {int(kept.min())} to {int(kept.max())}"
-
-
-@pytest.fixture
-def stop_workers():
-    """After an in-process run that failed with workers, its loaders' iterators (held by the traceback's frames)
-    are left to the garbage collector, whose finalization order makes each worker time out (5 s) before it is
-    killed; shutting them down explicitly while they are intact takes no time."""
-    yield
-    for leftover in [o for o in gc.get_objects() if type(o) is _MultiProcessingDataLoaderIter]:
-        leftover._shutdown_workers()
 
 
 def error_line(r) -> str:
@@ -112,7 +100,7 @@ def test_a_nan_image_is_named(nyuv2, mtl_main):
                              "values: fix or remove the file")
 
 
-def test_with_workers_the_message_is_the_same_one_line(nyuv2, mtl_main, stop_workers):
+def test_with_workers_the_message_is_the_same_one_line(nyuv2, mtl_main):
     found = spoil_label(nyuv2, "val", 1)
     r = mtl_main("train", *RUN, f"data.root={nyuv2}", "data.num_workers=2")
     assert error_line(r) == (f"mtl train: error: split 'val', sample 1 ({nyuv2}/val/label/1.npy): {RANGE}, "
@@ -120,7 +108,7 @@ def test_with_workers_the_message_is_the_same_one_line(nyuv2, mtl_main, stop_wor
                              f"resume={Path.cwd() / 'run/checkpoints/last.pt'}")
 
 
-def test_with_workers_a_missing_file_is_still_a_user_error(nyuv2, mtl_main, stop_workers):
+def test_with_workers_a_missing_file_is_still_a_user_error(nyuv2, mtl_main):
     """BadSample crosses the worker process as the same one line (torch would rebuild it as a RuntimeError)."""
     (nyuv2 / "train" / "depth" / "3.npy").unlink()
     r = mtl_main("train", *RUN, f"data.root={nyuv2}", "data.num_workers=2")

@@ -105,16 +105,16 @@ def test_a_nan_loss_stops_the_run_and_keeps_finite_checkpoints(mtl_main, tmp_pat
 def test_skip_counts_the_nonfinite_steps_and_stops_after_the_patience(mtl_main, tmp_path, monkeypatch):
     import mtl_cli.train as recipe
 
-    real = recipe.finite_step
+    real = recipe.NonFinitePolicy.allows
     calls = []
 
-    def poisons_steps_3_and_4(run, losses):
+    def poisons_steps_3_and_4(self, state, losses, norm, last):
         calls.append(1)
         if len(calls) in (3, 4):
             name = next(iter(losses))
             losses = {**losses, name: losses[name] * float("nan")}
-        return real(run, losses)
-    monkeypatch.setattr(recipe, "finite_step", poisons_steps_3_and_4)
+        return real(self, state, losses, norm, last)
+    monkeypatch.setattr(recipe.NonFinitePolicy, "allows", poisons_steps_3_and_4)
     r = mtl_main("train", *RUN, "trainer.nonfinite=skip", "logger.log_every=1", "hydra.run.dir=run")
     assert r.status == 0 and "skipped (1 so far" in r.out and "skipped (2 so far" in r.out, r
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
