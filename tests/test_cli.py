@@ -50,11 +50,12 @@ def trained(tmp_path_factory) -> Path:
 
 def test_the_console_script_prints_and_exits_as_main_returns(tmp_path):
     """The installed `mtl` script: main's output, and its return value as the exit status."""
-    help = subprocess.run([MTL, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert help.returncode == 0 and all(c in help.stdout for c in ("train", "eval")), help
+    shown = subprocess.run([MTL, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and all(c in shown.stdout for c in ("train", "eval")), shown
     typo = subprocess.run([MTL, "trian"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert typo.returncode == 2 and typo.stdout == "", typo
-    assert typo.stderr == "mtl: error: unknown command 'trian' (did you mean 'train'?); commands: train, eval, completion\n"
+    assert typo.stderr == ("mtl: error: unknown command 'trian' (did you mean 'train'?); "
+                           "commands: train, eval, completion\n")
 
 
 def test_help_lists_commands_and_every_config_group(mtl_main):
@@ -180,9 +181,10 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(mtl_main, tm
     killed = tmp_path / "killed"
     log = tmp_path / "killed.out"
     with open(log, "w") as out:
+        threads = str(torch.get_num_threads())
         proc = subprocess.Popen([MTL, "train", *args, f"hydra.run.dir={killed}"], cwd=tmp_path, stdout=out,
                                 stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads})
         deadline = time.time() + 240
         while "epoch 2/3 step" not in log.read_text() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)
