@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.object_type import ObjectType
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from mtl_cli.errors import Interrupted, reports_user_errors
 from mtl_cli.paths import config_dir
@@ -30,6 +30,8 @@ def train_command(cfg: DictConfig) -> float | None:
     checkpoint, resume = None, resume_path(cfg.resume, run_dir)
     if resume is not None:
         cfg, checkpoint = load_run(resume, cfg, "resume", HydraValues.of(HydraConfig.get()))
+        with open_dict(cfg):
+            cfg.resume = str(resume)  # resume=auto: the file it found
     try:
         return train(without_trust(cfg), run_dir, checkpoint)
     except KeyboardInterrupt:

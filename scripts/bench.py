@@ -81,12 +81,12 @@ def main() -> None:
         progress = EpochProgress("none")
 
         state = TrainState(cfg, model, tasks, weighting, optimizer, None, scaler)
-        run = Run(state, device, logger, Path(tmp), progress=progress)
+        trainer = Run(state, device, logger, Path(tmp), progress=progress)
 
         def mtl_round() -> None:  # the trainer's own steps (train.train_batches) over the same batches
             progress.start(0, 1, len(batches))
             state.batch = 0
-            train_batches(run, batches, len(batches))
+            train_batches(trainer, batches, len(batches))
             progress.stop()
 
         timings: dict[str, list[float]] = {"mtl trainer": [], "plain loop": []}
