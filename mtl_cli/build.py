@@ -172,10 +172,6 @@ def resolve_data(cfg: DictConfig) -> DictConfig:
     if idle:
         raise UserError(f"data member {idle[0]!r} serves no task: give it some (+data.tasks.{idle[0]}=[...]) or "
                         f"remove it (~data.members.{idle[0]})")
-    served = [task for tasks in data.tasks.values() for task in tasks]
-    if sorted(cfg.get("tasks") or {}) != sorted(served):  # Hydra cannot default the task list to the members'
-        raise UserError(f"data=multi: the tasks selected ({', '.join(cfg.get('tasks') or {}) or 'none'}) are not the "
-                        f"tasks the members serve (data.tasks): add tasks=[{','.join(served)}]")
     targets, owners = {}, {}
     for member, tasks in data.tasks.items():
         if member not in data.members:
@@ -200,6 +196,9 @@ def resolve_data(cfg: DictConfig) -> DictConfig:
                                 f"{key!r}, so each would train the other's task: give each task one member")
         with open_dict(cfg):
             cfg.data.members[member] = resolved
+    if sorted(cfg.get("tasks") or {}) != sorted(targets):  # Hydra cannot default the task list to the members'
+        raise UserError(f"data=multi: the tasks selected ({', '.join(cfg.get('tasks') or {}) or 'none'}) are not the "
+                        f"tasks the members serve (data.tasks): add tasks=[{','.join(targets)}]")
     with open_dict(cfg):
         cfg.data.targets = targets
     return cfg

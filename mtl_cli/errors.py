@@ -171,7 +171,7 @@ def load_problem(e: Exception) -> str:
     """Why torch.load(weights_only=True) refused a file, in one clause, without torch's advice to retry with
     weights_only=False (which would let the file run code)."""
     for line in str(e).splitlines():
-        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        line = line.strip().split("WeightsUnpickler error:")[-1].strip()
         if line and "weights_only" not in line and not line.startswith(("Weights only", "Check the documentation")):
             return f"{type(e).__name__}: {line.split(' Please use')[0][:200]}"  # less the advice to allowlist it
     return type(e).__name__
