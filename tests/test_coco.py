@@ -18,7 +18,7 @@ from torchvision import tv_tensors
 from mtl_cli.build import build_dataset
 from mtl_cli.data.files import BadSample
 from mtl_cli.errors import UserError
-from test_cli import mtl, run_dirs
+from test_cli import ok, run_dirs
 from test_configs import compose_cfg
 
 H, W = 32, 48
@@ -191,10 +191,11 @@ def test_a_bad_annotation_file_names_itself(coco, tmp_path):
         dataset(tmp_path / "coco", "val")
 
 
-def test_mtl_train_detection_segmentation_and_multilabel(coco, tmp_path):
-    mtl("train", "data=coco", f"data.root={coco}", "data.image_size=[32,32]", "tasks=[detection,segmentation,multilabel]",
-        "backbone=small_cnn", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
-        "data.batch_size=2", "trainer.progress=plain", "logger=console", cwd=tmp_path)
+def test_mtl_train_detection_segmentation_and_multilabel(coco, mtl_main, tmp_path):
+    ok(mtl_main("train", "data=coco", f"data.root={coco}", "data.image_size=[32,32]",
+                "tasks=[detection,segmentation,multilabel]", "backbone=small_cnn", "trainer.max_epochs=1",
+                "trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "data.batch_size=2",
+                "trainer.progress=plain", "logger=console"))  # in tmp_path
     (run_dir,) = run_dirs(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())["final"]["metrics"]
     assert set(metrics) == {"detection", "segmentation", "multilabel"}

@@ -4,7 +4,7 @@ single-task runs, and val/delta_m through mtl train and mtl eval."""
 import json
 
 import pytest
-from test_cli import TINY, mtl, run_dirs, scalar_tags
+from test_cli import TINY, ok, run_dirs, scalar_tags
 
 from mtl_cli.errors import UserError
 from mtl_cli.metrics.delta_m import DeltaM, baselines_from_runs, build_delta_m, delta_m
@@ -76,12 +76,12 @@ def test_baselines_from_single_task_runs_and_the_config(tmp_path):
         baselines_from_runs([tmp_path / "nowhere"])
 
 
-def test_val_delta_m_through_train_and_eval(tmp_path):
-    mtl("train", *TINY, "tasks=[segmentation]", "hydra.run.dir=stl", cwd=tmp_path)
+def test_val_delta_m_through_train_and_eval(mtl_main, tmp_path):
+    ok(mtl_main("train", *TINY, "tasks=[segmentation]", "hydra.run.dir=stl"))  # in tmp_path
     stl = tmp_path / "stl"
-    result = mtl("train", *TINY, "tasks=[segmentation,depth]", f"baselines_from=[{stl}]",
-                 "baselines={depth: {abs_err: 0.5}}", "delta_m_average=tasks", "trainer.monitor=val/delta_m",
-                 "hydra.run.dir=mtl", cwd=tmp_path)
+    result = ok(mtl_main("train", *TINY, "tasks=[segmentation,depth]", f"baselines_from=[{stl}]",
+                         "baselines={depth: {abs_err: 0.5}}", "delta_m_average=tasks", "trainer.monitor=val/delta_m",
+                         "hydra.run.dir=mtl"))
     report = json.loads((tmp_path / "mtl" / "metrics.json").read_text())
     base = json.loads((stl / "metrics.json").read_text())["best"]["metrics"]["segmentation"]
     final = report["final"]["metrics"]
@@ -90,17 +90,17 @@ def test_val_delta_m_through_train_and_eval(tmp_path):
     assert report["final"]["delta_m"] == pytest.approx(100 * (sum(seg) / 2 + depth[0]) / 2, rel=1e-6)
     assert report["monitor"] == {"name": "val/delta_m", "mode": "max",
                                  "value": max(report["final"]["delta_m"], report["best"]["delta_m"])}
-    assert "delta_m % ↑" in result.stdout
+    assert "delta_m % ↑" in result.out
     assert "val/delta_m" in scalar_tags(tmp_path / "mtl")
     # the single-task run against its own best epoch: mtl eval of best.pt reproduces it, so delta_m is 0
-    mtl("eval", f"ckpt={stl}/checkpoints/best.pt", f"baselines_from=[{stl}]", "hydra.run.dir=eval", cwd=tmp_path)
+    ok(mtl_main("eval", f"ckpt={stl}/checkpoints/best.pt", f"baselines_from=[{stl}]", "hydra.run.dir=eval"))
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["delta_m"] == pytest.approx(0.0, abs=1e-9)
     assert run_dirs(tmp_path)  # metrics.json files are where the runs were pointed
 
 
-def test_monitoring_delta_m_without_baselines_says_what_is_missing(tmp_path):
-    result = mtl("train", *TINY, "trainer.monitor=val/delta_m", cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "needs baselines or baselines_from" in result.stderr
+def test_monitoring_delta_m_without_baselines_says_what_is_missing(mtl_main):
+    result = mtl_main("train", *TINY, "trainer.monitor=val/delta_m")
+    assert result.status == 2 and "needs baselines or baselines_from" in result.err
 
 
 def test_malformed_baselines_and_a_unit_slip_are_reported(caplog):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from test_cli import TINY, mtl, run_dirs, scalar_tags
+from test_cli import TINY, ok, run_dirs, scalar_tags
 
 from mtl_cli.errors import UserError
 from mtl_cli.losses_detection import DetectionLoss, assign, centerness_of, pad_targets
@@ -210,11 +210,11 @@ def test_loss_rejects_labels_outside_the_classes():
 # ------------------------------------------------------------------------------------------ end to end
 
 
-SMALL_HEAD = "tasks.detection.head.width=16"  # a light head keeps the subprocess runs quick
+SMALL_HEAD = "tasks.detection.head.width=16"  # a light head keeps the runs quick
 
 
-def test_mtl_trains_detection_with_segmentation_and_logs_map(tmp_path):
-    mtl("train", "tasks=[detection,segmentation]", SMALL_HEAD, *TINY, "trainer.max_epochs=1", cwd=tmp_path)
+def test_mtl_trains_detection_with_segmentation_and_logs_map(mtl_main, tmp_path):
+    ok(mtl_main("train", "tasks=[detection,segmentation]", SMALL_HEAD, *TINY, "trainer.max_epochs=1"))  # in tmp_path
     (run_dir,) = run_dirs(tmp_path / "outputs")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     values = metrics["final"]["metrics"]["detection"]
@@ -224,9 +224,9 @@ def test_mtl_trains_detection_with_segmentation_and_logs_map(tmp_path):
             "val/segmentation/miou"} <= tags
 
 
-def test_a_gradient_method_trains_detection_through_the_feature_cut(tmp_path):
-    result = mtl("train", "tasks=[detection,segmentation]", "weighting=pcgrad", SMALL_HEAD, *TINY,
-                 "trainer.max_epochs=1", "trainer.max_steps=2", "trainer.limit_val_batches=1", cwd=tmp_path)
+def test_a_gradient_method_trains_detection_through_the_feature_cut(mtl_main, tmp_path):
+    result = ok(mtl_main("train", "tasks=[detection,segmentation]", "weighting=pcgrad", SMALL_HEAD, *TINY,
+                         "trainer.max_epochs=1", "trainer.max_steps=2", "trainer.limit_val_batches=1"))
     (run_dir,) = run_dirs(tmp_path / "outputs")
-    assert "not finite" not in result.stdout
+    assert "not finite" not in result.out
     assert "val/detection/map_50" in scalar_tags(run_dir)

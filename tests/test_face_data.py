@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from test_cli import mtl, run_dirs
+from test_cli import ok, run_dirs
 from test_configs import compose_cfg
 
 from mtl_cli.build import adopt_facts, build_dataset, build_model, build_tasks, resolve_data
@@ -161,9 +161,9 @@ def test_a_corrupt_celeba_image_names_its_file_or_is_skipped_with_a_warning(tmp_
     assert "000002.jpg" in caplog.text
 
 
-def test_mtl_train_on_celeba_learns_attributes_landmarks_and_identity(tmp_path, celeba):
+def test_mtl_train_on_celeba_learns_attributes_landmarks_and_identity(mtl_main, tmp_path, celeba):
     root, _ = celeba
-    mtl("train", "data=celeba", f"data.root={root}", "tasks=[attributes,landmarks,identity]", *TINY_RUN, cwd=tmp_path)
+    ok(mtl_main("train", "data=celeba", f"data.root={root}", "tasks=[attributes,landmarks,identity]", *TINY_RUN))
     (run_dir,) = run_dirs(tmp_path / "outputs")
     final = json.loads((run_dir / "metrics.json").read_text())["final"]["metrics"]
     assert set(final) == {"attributes", "landmarks", "identity"}
@@ -257,8 +257,8 @@ def test_lfw_missing_files_and_download_are_explained(tmp_path, lfw):
         build_dataset(lfw_cfg(lfw, "data.download=true"), "train")
 
 
-def test_mtl_train_on_lfw_learns_identities_and_verifies_unseen_people(tmp_path, lfw):
-    mtl("train", "data=lfw", f"data.root={lfw}", "tasks=[identity]", *TINY_RUN, cwd=tmp_path)
+def test_mtl_train_on_lfw_learns_identities_and_verifies_unseen_people(mtl_main, tmp_path, lfw):
+    ok(mtl_main("train", "data=lfw", f"data.root={lfw}", "tasks=[identity]", *TINY_RUN))  # in tmp_path
     (run_dir,) = run_dirs(tmp_path / "outputs")
     record = json.loads((run_dir / "metrics.json").read_text())
     final = record["final"]["metrics"]["identity"]
@@ -303,21 +303,22 @@ def test_celeba_and_lfw_serve_as_members_of_data_multi(celeba, lfw):
     assert cfg.data.members.people.targets.identity.num_classes == cfg.data.targets.identity.num_classes == count
 
 
-def test_a_mixed_run_of_celeba_and_lfw_trains_every_task_and_reports_delta_m(tmp_path, celeba, lfw):
-    """data=multi with two real datasets through the installed script, in the README's form: each task from its
-    own dataset, per-task metrics, and delta_m against baselines."""
-    result = mtl("train", "data=multi", "+data@data.members.faces=celeba", f"data.members.faces.root={celeba[0]}",
-                 "+data@data.members.people=lfw", f"data.members.people.root={lfw}",
-                 "data.members.people.image_size=[32,32]", "+data.tasks={faces: [attributes, landmarks], "
-                 "people: [identity]}", "tasks=[attributes,landmarks,identity]", "data.sampling=temperature",
-                 "baselines={attributes: {mean_acc: 0.5}, landmarks: {nme: 1.0}}",
-                 *[arg for arg in TINY_RUN if "limit_val" not in arg], cwd=tmp_path)  # validate every member
+def test_a_mixed_run_of_celeba_and_lfw_trains_every_task_and_reports_delta_m(mtl_main, tmp_path, celeba, lfw):
+    """data=multi with two real datasets through mtl train, in the README's form: each task from its own dataset,
+    per-task metrics, and delta_m against baselines."""
+    result = ok(mtl_main("train", "data=multi", "+data@data.members.faces=celeba",
+                         f"data.members.faces.root={celeba[0]}", "+data@data.members.people=lfw",
+                         f"data.members.people.root={lfw}", "data.members.people.image_size=[32,32]",
+                         "+data.tasks={faces: [attributes, landmarks], people: [identity]}",
+                         "tasks=[attributes,landmarks,identity]", "data.sampling=temperature",
+                         "baselines={attributes: {mean_acc: 0.5}, landmarks: {nme: 1.0}}",
+                         *[arg for arg in TINY_RUN if "limit_val" not in arg]))  # validate every member
     (run_dir,) = run_dirs(tmp_path / "outputs")
     report = json.loads((run_dir / "metrics.json").read_text())
     final = report["final"]["metrics"]
     assert set(final) == {"attributes", "landmarks", "identity"}
     expected = 100 * ((final["attributes"]["mean_acc"] - 0.5) / 0.5 - (final["landmarks"]["nme"] - 1.0)) / 2
     assert report["final"]["delta_m"] == pytest.approx(expected, rel=1e-6)
-    assert "delta_m % ↑" in result.stdout
+    assert "delta_m % ↑" in result.out
     saved = OmegaConf.load(run_dir / "config.yaml")  # lfw's own identity count, not the YAML's placeholder
     assert saved.data.targets.identity.num_classes == len(LFW_TRAIN)

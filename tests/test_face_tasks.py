@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
-from test_cli import TINY, mtl, run_dirs, scalar_tags
+from test_cli import TINY, ok, run_dirs, scalar_tags
 
 from mtl_cli.errors import UserError
 from mtl_cli.losses import ArcFaceLoss, LandmarkLoss, MaskedBCEWithLogitsLoss
@@ -324,9 +324,9 @@ def test_heads_give_points_and_unit_embeddings_with_cosines_to_their_own_centres
 # ----------------------------------------------------------------------------------------------- end to end
 
 
-def test_training_the_three_tasks_with_segmentation_logs_every_metric(tmp_path):
+def test_training_the_three_tasks_with_segmentation_logs_every_metric(mtl_main, tmp_path):
     tasks = ["landmarks", "identity", "attributes", "segmentation"]
-    mtl("train", f"tasks=[{','.join(tasks)}]", *TINY, cwd=tmp_path)
+    ok(mtl_main("train", f"tasks=[{','.join(tasks)}]", *TINY))  # in tmp_path
     (run_dir,) = run_dirs(tmp_path / "outputs")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     expected = {"landmarks": {"nme"}, "identity": {"id_acc", "verif_acc", "verif_auc"},

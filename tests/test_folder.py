@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from test_cli import mtl, run_dirs
+from test_cli import ok, run_dirs
 from test_configs import compose_cfg
 
 from mtl_cli.build import adopt_facts, build_dataset, build_model, build_tasks
@@ -226,10 +226,10 @@ def test_a_batch_with_missing_labels_has_the_loss_of_its_labelled_samples(folder
 # ---------------------------------------------------------------------------------- mtl train, then mtl eval
 
 
-def test_train_with_the_readme_command_then_eval_with_the_saved_class_maps(folder, tmp_path):
+def test_train_with_the_readme_command_then_eval_with_the_saved_class_maps(folder, mtl_main, tmp_path, monkeypatch):
     root = tmp_path / "pets"
     shutil.copytree(folder, root)
-    mtl("train", *README_COMMAND, f"data.root={root}", *TINY, cwd=tmp_path)
+    ok(mtl_main("train", *README_COMMAND, f"data.root={root}", *TINY))  # in tmp_path
     (run_dir,) = run_dirs(tmp_path / "outputs")
     checkpoint = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     saved = OmegaConf.create(checkpoint["config"])
@@ -241,7 +241,8 @@ def test_train_with_the_readme_command_then_eval_with_the_saved_class_maps(folde
 
     (root / "train.csv").unlink()  # eval needs no train manifest: the class maps come from the checkpoint
     (tmp_path / "eval").mkdir()
-    mtl("eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", cwd=tmp_path / "eval")
+    monkeypatch.chdir(tmp_path / "eval")
+    ok(mtl_main("eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}"))
     (report,) = [json.loads(p.read_text()) for p in (tmp_path / "eval").rglob("eval.json")]
     for task, values in final.items():
         for metric, value in values.items():

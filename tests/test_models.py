@@ -23,7 +23,7 @@ from mtl_cli.models.stages import split_stages
 from mtl_cli.models.summary import summarize
 from mtl_cli.paths import config_dir
 from mtl_cli.weighting.gradients import FeatureCut
-from test_cli import TINY, mtl, run_dirs, scalar_tags
+from test_cli import TINY, ok, run_dirs, scalar_tags
 
 SIZE = 32
 TASKS = ["segmentation", "count"]
@@ -251,8 +251,8 @@ def test_summary_counts_parameters_and_macs_by_hand():
     assert rows["shared"]["parameters"] + rows["count"]["parameters"] == rows["total"]["parameters"]
 
 
-def test_every_architecture_trains_from_the_command_line_and_reports_its_summary(tmp_path):
-    mtl("train", "-m", "architecture=stl,mtan,cross_stitch,mmoe", *TINY, "trainer.max_epochs=1", cwd=tmp_path)
+def test_every_architecture_trains_from_the_command_line_and_reports_its_summary(mtl_main, tmp_path):
+    ok(mtl_main("train", "-m", "architecture=stl,mtan,cross_stitch,mmoe", *TINY, "trainer.max_epochs=1"))
     runs = run_dirs(tmp_path / "multirun")
     assert len(runs) == 4
     for run in runs:

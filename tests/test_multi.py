@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_cli import mtl, run_dirs, scalar_tags
+from test_cli import ok, run_dirs, scalar_tags
 from omegaconf import OmegaConf
 from test_configs import CONFIGS, compose_cfg
 from torch.utils.data import Dataset
@@ -126,10 +126,10 @@ def test_a_missing_label_gives_the_loss_of_the_batch_without_that_sample():
         assert loss == pytest.approx(float(task.loss(outputs[name][keep], task.target_of(only))), rel=1e-6)
 
 
-def test_a_mixed_run_trains_and_reports_every_task_and_delta_m(tmp_path):
-    result = mtl("train", "experiment=digits_multi", *TINY_MULTI, "data.batch_size=8", "data.sampling=proportional",
-                 "trainer.max_epochs=2", "trainer.progress=plain", "logger.log_every=1",
-                 "baselines={segmentation: {miou: 0.1}, count: {mae: 1.0}}", cwd=tmp_path)
+def test_a_mixed_run_trains_and_reports_every_task_and_delta_m(mtl_main, tmp_path):
+    result = ok(mtl_main("train", "experiment=digits_multi", *TINY_MULTI, "data.batch_size=8",
+                         "data.sampling=proportional", "trainer.max_epochs=2", "trainer.progress=plain",
+                         "logger.log_every=1", "baselines={segmentation: {miou: 0.1}, count: {mae: 1.0}}"))
     (run_dir,) = run_dirs(tmp_path / "outputs")
     report = json.loads((run_dir / "metrics.json").read_text())
     assert set(report["final"]["metrics"]) == {"segmentation", "depth", "normals", "count"}
@@ -138,7 +138,7 @@ def test_a_mixed_run_trains_and_reports_every_task_and_delta_m(tmp_path):
     assert report["final"]["delta_m"] == pytest.approx(expected, rel=1e-6)
     tags = scalar_tags(run_dir)
     assert {"val/delta_m", "train/weight/count", "train/weight/segmentation", "val/count/mae"} <= tags
-    assert "delta_m leaves out the tasks without a baseline: depth, normals" in result.stdout
+    assert "delta_m leaves out the tasks without a baseline: depth, normals" in result.out
 
 
 DATA_OPTIONS = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml") if p.stem != "multi")
@@ -165,9 +165,9 @@ def test_every_data_option_can_be_a_member_with_its_own_interpolations(option):
     assert resolved["data"]["targets"][other] == resolved["data"]["members"]["scenes"]["targets"][other]
 
 
-def test_the_labels_of_every_member_are_checked_on_its_first_batch(tmp_path):
+def test_the_labels_of_every_member_are_checked_on_its_first_batch(mtl_main):
     """The second member's first batch (round robin: the second batch) holds counts beyond the declared classes."""
-    result = mtl("train", "experiment=digits_multi", *TINY_MULTI, "data.batch_size=8", "tasks=[segmentation,count_ce]",
-                 "data.tasks.scenes=[segmentation]", "data.members.counts.targets.count.num_classes=2",
-                 cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "task 'count' predicts 2 classes" in result.stderr
+    result = mtl_main("train", "experiment=digits_multi", *TINY_MULTI, "data.batch_size=8",
+                      "tasks=[segmentation,count_ce]", "data.tasks.scenes=[segmentation]",
+                      "data.members.counts.targets.count.num_classes=2")
+    assert result.status == 2 and "task 'count' predicts 2 classes" in result.err

@@ -16,7 +16,7 @@ from PIL import Image
 
 from mtl_cli.build import build_dataset
 from mtl_cli.errors import UserError
-from test_cli import mtl, run_dirs
+from test_cli import ok, run_dirs
 from test_configs import compose_cfg
 
 TRAIN_LABELS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
@@ -163,11 +163,11 @@ def test_val_size_must_leave_training_digits(mnist):
         dataset(root, "train", f"data.dataset.val_size={len(TRAIN_LABELS)}")
 
 
-def test_mtl_train_learns_both_digits(mnist, tmp_path):
+def test_mtl_train_learns_both_digits(mnist, mtl_main, tmp_path):
     root, _ = mnist
-    mtl("train", "data=multimnist", f"data.root={root}", *SMALL, "tasks=[classification,right]", "backbone=small_cnn",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "data.batch_size=2",
-        "trainer.progress=plain", "logger=console", cwd=tmp_path)
+    ok(mtl_main("train", "data=multimnist", f"data.root={root}", *SMALL, "tasks=[classification,right]",
+                "backbone=small_cnn", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                "trainer.limit_val_batches=2", "data.batch_size=2", "trainer.progress=plain", "logger=console"))
     (run_dir,) = run_dirs(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())["final"]["metrics"]
     assert set(metrics) == {"classification", "right"}

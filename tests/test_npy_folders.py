@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli import mtl, run_dirs
+from test_cli import ok, run_dirs
 from test_configs import compose_cfg
 
 from mtl_cli.build import (build_dataset, build_model, build_optimizer, build_scheduler, build_tasks,
@@ -37,7 +37,6 @@ LAYOUTS = {
 CLASSES = {"label": 13, "label_7": 7, "label_19": 19}
 TINY_RUN = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
             "data.batch_size=2", "backbone=small_cnn", "trainer.progress=plain", "logger=console"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny convolutions: threads only contend
 
 
 def write_release(root: Path, dataset: str, size: tuple[int, int], counts=COUNTS) -> dict:
@@ -218,20 +217,20 @@ def final_metrics(cwd: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())["final"]["metrics"]
 
 
-def test_mtl_train_on_nyuv2(nyuv2, tmp_path):
+def test_mtl_train_on_nyuv2(nyuv2, mtl_main, tmp_path):
     root, _ = nyuv2
-    mtl("train", "data=nyuv2", f"data.root={root}", "data.dataset.size=[24,32]", "tasks=[segmentation,depth,normals]",
-        *TINY_RUN, cwd=tmp_path, env=ONE_THREAD)
+    ok(mtl_main("train", "data=nyuv2", f"data.root={root}", "data.dataset.size=[24,32]",
+                "tasks=[segmentation,depth,normals]", *TINY_RUN))  # in tmp_path, on one thread (pytestmark)
     metrics = final_metrics(tmp_path)
     assert set(metrics) == {"segmentation", "depth", "normals"}
     assert set(metrics["normals"]) == {"mean_angle", "median_angle", "within_11.25", "within_22.5", "within_30"}
     assert all(np.isfinite(v) for task in metrics.values() for v in task.values())
 
 
-def test_mtl_train_on_cityscapes(cityscapes, tmp_path):
+def test_mtl_train_on_cityscapes(cityscapes, mtl_main, tmp_path):
     root, _ = cityscapes
-    mtl("train", "data=cityscapes", f"data.root={root}", "data.dataset.size=[16,32]", "tasks=[segmentation,depth]",
-        *TINY_RUN, cwd=tmp_path, env=ONE_THREAD)
+    ok(mtl_main("train", "data=cityscapes", f"data.root={root}", "data.dataset.size=[16,32]",
+                "tasks=[segmentation,depth]", *TINY_RUN))
     metrics = final_metrics(tmp_path)
     assert set(metrics) == {"segmentation", "depth"} and set(metrics["depth"]) == {"abs_err", "rel_err"}
 

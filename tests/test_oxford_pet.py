@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_cli import mtl, run_dirs
+from test_cli import ok, run_dirs
 from test_configs import compose_cfg
 
 from mtl_cli.build import build_dataset, build_model, build_tasks
@@ -190,10 +190,10 @@ def test_the_oxford_pet_preset_composes_and_runs_a_step(pet):
     assert all(torch.isfinite(loss) and loss > 0 for loss in losses.values())
 
 
-def test_mtl_train_on_oxford_pet_learns_breed_species_and_segmentation(tmp_path, pet):
+def test_mtl_train_on_oxford_pet_learns_breed_species_and_segmentation(mtl_main, tmp_path, pet):
     root, _ = pet
-    mtl("train", "data=oxford_pet", f"data.root={root}", "tasks=[classification,species,segmentation]",
-        f"data.dataset.val_every={VAL_EVERY}", "data.image_size=[64,64]", *TINY_RUN, cwd=tmp_path)
+    ok(mtl_main("train", "data=oxford_pet", f"data.root={root}", "tasks=[classification,species,segmentation]",
+                f"data.dataset.val_every={VAL_EVERY}", "data.image_size=[64,64]", *TINY_RUN))  # in tmp_path
     (run_dir,) = run_dirs(tmp_path / "outputs")
     final = json.loads((run_dir / "metrics.json").read_text())["final"]["metrics"]
     assert set(final) == {"classification", "species", "segmentation"}

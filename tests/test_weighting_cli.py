@@ -1,4 +1,4 @@
-"""Every weighting option through the installed `mtl` script: one sweep over all of them, and exact resume of
+"""Every weighting option through `mtl train` (in this process): one sweep over all of them, and exact resume of
 stateful ones."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import get_class
 from omegaconf import OmegaConf
-from test_cli import TASKS, TINY, mtl, run_dirs, scalar_tags
+from test_cli import TASKS, TINY, ok, run_dirs, scalar_tags
 
 from mtl_cli.paths import config_dir
 from mtl_cli.weighting.base import GradientWeighting
@@ -23,8 +23,8 @@ def is_gradient_method(option: str) -> bool:
     return issubclass(get_class(target), GradientWeighting)
 
 
-def test_one_sweep_trains_every_weighting_and_logs_its_weights(tmp_path):
-    mtl("train", "-m", f"weighting={','.join(OPTIONS)}", *TINY, *STEPS, cwd=tmp_path)
+def test_one_sweep_trains_every_weighting_and_logs_its_weights(mtl_main, tmp_path):
+    ok(mtl_main("train", "-m", f"weighting={','.join(OPTIONS)}", *TINY, *STEPS))  # in tmp_path
     dirs = run_dirs(tmp_path / "multirun")
     assert len(dirs) == len(OPTIONS)
     for run_dir in dirs:
@@ -39,20 +39,20 @@ def test_one_sweep_trains_every_weighting_and_logs_its_weights(tmp_path):
             assert not any(tag.startswith("grad/") for tag in tags), option
 
 
-def test_loss_based_methods_log_gradient_conflicts_when_asked(tmp_path):
-    mtl("train", "weighting=uw", "trainer.log_grad_conflicts=true", *TINY, *STEPS,
-        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_loss_based_methods_log_gradient_conflicts_when_asked(mtl_main, tmp_path):
+    ok(mtl_main("train", "weighting=uw", "trainer.log_grad_conflicts=true", *TINY, *STEPS,
+                f"hydra.run.dir={tmp_path / 'run'}"))
     tags = scalar_tags(tmp_path / "run")
     assert {f"grad/norm/{t}" for t in TASKS} | {"grad/cos/depth-normals"} <= tags
 
 
 @pytest.mark.parametrize("option", ["famo", "gradvac", "nash_mtl"])
-def test_resuming_a_stateful_method_gives_the_uninterrupted_run(tmp_path, option):
+def test_resuming_a_stateful_method_gives_the_uninterrupted_run(mtl_main, tmp_path, option):
     args = [*TINY, f"weighting={option}", "trainer.limit_train_batches=2", "logger=console"]
-    mtl("train", *args, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
-    mtl("train", *args, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'short'}", cwd=tmp_path)
-    mtl("train", f"resume={tmp_path / 'short' / 'checkpoints' / 'last.pt'}", "trainer.max_epochs=2",
-        f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path)
+    ok(mtl_main("train", *args, f"hydra.run.dir={tmp_path / 'straight'}"))
+    ok(mtl_main("train", *args, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'short'}"))
+    ok(mtl_main("train", f"resume={tmp_path / 'short' / 'checkpoints' / 'last.pt'}", "trainer.max_epochs=2",
+                f"hydra.run.dir={tmp_path / 'resumed'}"))
     a, b = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True) for run in ("straight", "resumed"))
     assert a["epoch"] == b["epoch"] == 2 and a["weighting"].keys() == b["weighting"].keys()
     for part in ("weighting", "model"):
@@ -64,17 +64,17 @@ def test_resuming_a_stateful_method_gives_the_uninterrupted_run(tmp_path, option
     ("+weighting.grad_every=3", "grad_every=3 must be 1"),  # pcgrad's coefficients are not loss weights to reuse
     ("weighting.grad_target=pixels", "does not support grad_target='pixels'; it allows: params, representation"),
 ])
-def test_an_option_the_method_does_not_allow_is_one_clear_error(tmp_path, override, expected):
-    result = mtl("train", "weighting=pcgrad", override, *TINY, cwd=tmp_path, check=False)
-    assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
+def test_an_option_the_method_does_not_allow_is_one_clear_error(mtl_main, tmp_path, override, expected):
+    result = mtl_main("train", "weighting=pcgrad", override, *TINY)  # in tmp_path
+    assert result.status == 2 and expected in result.err and "Traceback" not in result.err
     assert not list(tmp_path.rglob("*.pt"))
 
 
 @pytest.mark.parametrize("target", ["params", "representation"])
-def test_a_gradient_method_trains_under_bf16_autocast(tmp_path, target):
+def test_a_gradient_method_trains_under_bf16_autocast(mtl_main, tmp_path, target):
     """The rows of G are float32 whatever the autocast dtype of the features; the update goes back in theirs."""
-    mtl("train", "weighting=pcgrad", f"weighting.grad_target={target}", "trainer.precision=bf16", *TINY, *STEPS,
-        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    ok(mtl_main("train", "weighting=pcgrad", f"weighting.grad_target={target}", "trainer.precision=bf16", *TINY,
+                *STEPS, f"hydra.run.dir={tmp_path / 'run'}"))
     final = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]
     assert all(value == value for value in final["loss"].values())  # no NaN
     assert {"grad/cos/segmentation-depth", "train/weight/count"} <= scalar_tags(tmp_path / "run")
