@@ -4,58 +4,26 @@ checkpoint; the loop below only says what happens in what order."""
 from __future__ import annotations
 
 import logging
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from mtl_cli.build import adopt_facts, build_dataset, build_delta, build_loader, call, instantiate, resolve_data
-from mtl_cli.data.checks import check_batch
 from mtl_cli.engine.batches import evaluate, flatten, limited, to_device
 from mtl_cli.engine.checkpoint import CheckpointSchedule
 from mtl_cli.engine.logger import Logger
-from mtl_cli.engine.meter import StepMeter
 from mtl_cli.engine.monitor import Monitor
 from mtl_cli.engine.nonfinite import NonFinitePolicy, gradient_norm
 from mtl_cli.engine.progress import EpochProgress
-from mtl_cli.engine.records import train_record, write_record
-from mtl_cli.engine.report import metrics_table
-from mtl_cli.engine.signals import StopRequests
+from mtl_cli.engine.run import Run
 from mtl_cli.engine.state import TrainState, build_state
-from mtl_cli.errors import Stopped, UserError
-from mtl_cli.metrics.delta_m import DeltaM
+from mtl_cli.errors import UserError
 from mtl_cli.models.summary import input_size, log_summary
 from mtl_cli.runtime import autocast, pick_device, seed_everything
 from mtl_cli.schema import check_config
 
 log = logging.getLogger("mtl")
-
-
-@dataclass
-class Run:
-    """What the loop needs besides the state: where it runs, its data, its sinks and its stop conditions."""
-    state: TrainState
-    device: torch.device
-    logger: Logger
-    run_dir: Path
-    train_loader: DataLoader | None = None
-    val_loader: DataLoader | None = None
-    monitor: Monitor | None = None
-    delta: DeltaM | None = None
-    saves: CheckpointSchedule = field(default_factory=lambda: CheckpointSchedule(None, None))
-    stops: StopRequests = field(default_factory=StopRequests)
-    progress: EpochProgress = field(default_factory=lambda: EpochProgress("none"))
-    meter: StepMeter = field(default_factory=StepMeter)
-    nonfinite: NonFinitePolicy = field(default_factory=NonFinitePolicy)
-    checked: set = field(default_factory=set)  # the sets of tasks whose targets a batch was checked for
-
-    @property
-    def last(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.pt"
 
 
 def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> float | None:
@@ -68,7 +36,7 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
             train_epoch(run)
             end_epoch(run)
     run.logger.close()
-    report(run, time.perf_counter() - started)
+    run.report(time.perf_counter() - started)
     return state.best
 
 
@@ -134,7 +102,7 @@ def train_batches(run: Run, batches, length: int) -> None:
         state.batch += 1
         train_step(run, batch)
         if run.stops.received is not None:
-            stop(run)
+            run.stop()
         if state.batch < length and run.saves.due(state.step):  # the epoch's end writes its own
             state.save(run.last)
             run.saves.saved(state.step)
@@ -146,7 +114,7 @@ def train_step(run: Run, batch: dict) -> None:
     """One optimizer step on `batch`: forward through the feature cut, the weighting fills the gradients, the
     optimizer steps unless a loss or gradient is not finite (engine/nonfinite.py)."""
     state, cfg = run.state, run.state.cfg
-    check_targets(run, batch)
+    run.check_targets(batch)
     batch = to_device(batch, run.device)
     with autocast(cfg.trainer.precision, run.device):
         outputs, cut = state.model.forward_cut(batch["image"])  # heads read leaf copies: see models/base.py
@@ -173,25 +141,6 @@ def train_step(run: Run, batch: dict) -> None:
         run.logger.scalars(scalars, state.step)
         info = {tag.removeprefix("train/loss/"): v for tag, v in scalars.items() if tag.startswith("train/loss/")}
     run.progress.advance(state.step, info)
-
-
-def stop(run: Run) -> None:
-    """A scheduler asked the run to stop (SIGTERM, SIGUSR1): the step is done; write last.pt and say how to go on."""
-    state = run.state
-    state.save(run.last)
-    name = signal.Signals(run.stops.received).name
-    raise Stopped(f"stopped by {name} at epoch {state.epoch + 1}, batch {state.batch}, step {state.step}: saved "
-                  f"{run.last}; continue with mtl train resume={run.last} (or resume=auto "
-                  f"hydra.run.dir={run.run_dir})", run.stops.received)
-
-
-def check_targets(run: Run, batch: dict) -> None:
-    """The tasks' targets are in the data and fit them: checked once per set of tasks present in a batch (one
-    set, or one per member of data=multi)."""
-    present = frozenset(name for name, task in run.state.tasks.items() if task.has_target(batch))
-    if present not in run.checked:
-        check_batch(run.state.tasks, batch, several=run.state.cfg.data.get("members") is not None)
-        run.checked.add(present)
 
 
 def end_epoch(run: Run) -> None:
@@ -229,18 +178,3 @@ def validate(run: Run) -> bool:
         return False
     state.best, state.best_results = run.monitor.value(results), state.results
     return True
-
-
-def report(run: Run, seconds: float) -> None:
-    """The table of the final and best validation, and metrics.json."""
-    state, monitor = run.state, run.monitor
-    final, best = state.results, state.best_results
-    columns = {f"final (epoch {final['epoch']})": final} if final else {}
-    if best:
-        columns[f"best (epoch {best['epoch']})"] = best
-    if columns:
-        directions = {name: task.directions() for name, task in state.tasks.items()}
-        log.info(metrics_table(columns, directions, title=f"validation metrics (best on {monitor.name}, "
-                                                          f"{monitor.mode})"))
-    write_record(run.run_dir / "metrics.json", train_record(state, monitor, seconds))
-    log.info(f"wrote {run.run_dir / 'metrics.json'} and checkpoints in {run.run_dir / 'checkpoints'}")

@@ -27,7 +27,8 @@ from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.progress import EpochProgress
 from mtl_cli.paths import config_dir
 from mtl_cli.engine.state import TrainState
-from mtl_cli.train import Run, train_batches
+from mtl_cli.engine.run import Run
+from mtl_cli.train import train_batches
 
 
 def plain_losses(outputs: dict, batch: dict) -> torch.Tensor:

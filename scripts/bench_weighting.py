@@ -28,7 +28,8 @@ from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.progress import EpochProgress
 from mtl_cli.paths import config_dir
 from mtl_cli.engine.state import TrainState
-from mtl_cli.train import Run, train_batches
+from mtl_cli.engine.run import Run
+from mtl_cli.train import train_batches
 from mtl_cli.weighting.base import GradientWeighting
 
 TASK_SETS = {2: ["segmentation", "depth"], 3: ["segmentation", "depth", "normals"],

@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker, or the workers fight for the cores
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # and in the processes the tests start
+
 
 @pytest.fixture(scope="module")
 def one_thread():

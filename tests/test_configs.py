@@ -56,6 +56,9 @@ KNOWN_BACKBONES = {
     "swin_t": ([96, 192, 384, 768], S4_32),
     "vit_b_16": ([768], [16]),
 }
+# Larger sizes of a family the default run builds in its smallest size (the same code, more channels): `-m slow`.
+LARGER_SIZES = {"resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "efficientnet_b1", "efficientnet_b2",
+                "efficientnet_b3", "convnext_small", "regnet_y_800mf", "regnet_y_1_6gf", "regnet_y_3_2gf"}
 
 
 def groups():
@@ -216,8 +219,9 @@ def reads_files(group, option):
 
 
 def group_cases():
-    return [(group, option) for group in groups() if group != "tasks" for option in options(group)
-            if not reads_files(group, option)]
+    return [pytest.param(group, option, id=f"{group}={option}",
+                         marks=pytest.mark.slow if group == "backbone" and option in LARGER_SIZES else ())
+            for group in groups() if group != "tasks" for option in options(group) if not reads_files(group, option)]
 
 
 def stand_ins(selected):
@@ -237,6 +241,7 @@ def test_the_groups_and_options_are_discovered():
     assert {"architecture", "backbone", "data", "experiment", "logger", "optimizer", "scheduler", "tasks", "trainer",
             "weighting"} <= set(groups())
     assert {"resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "small_cnn"} <= set(options("backbone"))
+    assert LARGER_SIZES < set(KNOWN_BACKBONES) == set(options("backbone"))
     assert task_package("count") == task_package("count_ce") == "tasks.count"
     sets = task_sets()
     together = [s for s in sets if len(s) > 1]
@@ -245,7 +250,7 @@ def test_the_groups_and_options_are_discovered():
     assert all(s.count("count") + s.count("count_ce") == 1 for s in together)
 
 
-@pytest.mark.parametrize("group,option", group_cases(), ids=[f"{g}={o}" for g, o in group_cases()])
+@pytest.mark.parametrize("group,option", group_cases())
 def test_every_option_composes_resolves_and_builds(group, option, tmp_path):
     cfg = compose_cfg(tiny([f"{group}={option}"]), hydra=True)
     assert cfg.hydra.runtime.choices[group] == option

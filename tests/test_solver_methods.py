@@ -91,23 +91,25 @@ def test_mgda_satisfies_the_kkt_conditions(tasks, dims, seed):
     assert ((mc - value).abs() <= tol)[c > 1e-9].all()
 
 
+@pytest.mark.parametrize("settings, rtol, atol", [
+    pytest.param({}, 0.1, 0.1, id="default"),
+    pytest.param({"epsilon": 1e-12, "max_iters": 100_000}, 1e-3, 1e-3, id="long", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("tasks,dims,seed", FULL_RANK)
-def test_mgda_agrees_with_torchjd(tasks, dims, seed):
+def test_mgda_agrees_with_torchjd(tasks, dims, seed, settings, rtol, atol):
     """torchjd's MGDAWeighting is Sener's Frank-Wolfe (Algorithm 2), which stops once its step size is below epsilon
     (1e-3, at most 100 steps by default) and converges sublinearly: on these problems its norm ends up to 9% above
-    the exact optimum (weights up to 0.06 apart), and still up to 4e-4 above with epsilon 1e-12 and 1e5 steps. So
-    ours must never be worse, and close within those measured margins; exactness is checked by the brute-force and
-    KKT tests above."""
+    the exact optimum (weights up to 0.06 apart), and still up to 4e-4 above with epsilon 1e-12 and 1e5 steps (a
+    run of up to 10 s each: -m slow). So ours must never be worse, and close within those measured margins;
+    exactness is checked by the brute-force and KKT tests above."""
     aggregation = pytest.importorskip("torchjd.aggregation")
     grads = _grads(tasks, dims, seed)
     gram = grads @ grads.T
     ours = _coefficients(MGDA(_names(tasks)), grads)
-    for settings, rtol, atol in [({}, 0.1, 0.1), ({"epsilon": 1e-12, "max_iters": 100_000}, 1e-3, 1e-3)]:
-        theirs = aggregation.MGDAWeighting(**settings)(gram)
-        ours_value, their_value = float(ours @ gram @ ours), float(theirs @ gram @ theirs)
-        assert ours_value <= their_value * (1 + 1e-12)
-        assert their_value == pytest.approx(ours_value, rel=rtol)
-        torch.testing.assert_close(ours, theirs, atol=atol, rtol=0)
+    theirs = aggregation.MGDAWeighting(**settings)(gram)
+    ours_value, their_value = float(ours @ gram @ ours), float(theirs @ gram @ theirs)
+    assert ours_value <= their_value * (1 + 1e-12)
+    assert their_value == pytest.approx(ours_value, rel=rtol)
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=0)
 
 
 def test_mgda_degenerate_gradients():

@@ -15,6 +15,9 @@ from mtl_cli.paths import config_dir
 from mtl_cli.weighting.base import GradientWeighting
 
 OPTIONS = sorted(p.stem for p in (config_dir() / "weighting").glob("*.yaml"))
+# The default run sweeps a loss-based and a gradient method (test_configs builds and steps every option); -m slow
+# sweeps them all.
+SAMPLE = ["uw", "pcgrad"]
 STEPS = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "logger.log_every=1"]
 
 
@@ -23,10 +26,11 @@ def is_gradient_method(option: str) -> bool:
     return issubclass(get_class(target), GradientWeighting)
 
 
-def test_one_sweep_trains_every_weighting_and_logs_its_weights(mtl_main, tmp_path):
-    ok(mtl_main("train", "-m", f"weighting={','.join(OPTIONS)}", *TINY, *STEPS))  # in tmp_path
+@pytest.mark.parametrize("swept", [SAMPLE, pytest.param(OPTIONS, marks=pytest.mark.slow)], ids=["sample", "all"])
+def test_one_sweep_trains_every_weighting_and_logs_its_weights(mtl_main, tmp_path, swept):
+    ok(mtl_main("train", "-m", f"weighting={','.join(swept)}", *TINY, *STEPS))  # in tmp_path
     dirs = run_dirs(tmp_path / "multirun")
-    assert len(dirs) == len(OPTIONS)
+    assert len(dirs) == len(swept)
     for run_dir in dirs:
         option = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")[0].removeprefix("weighting=")
         tags = scalar_tags(run_dir)
@@ -46,7 +50,7 @@ def test_loss_based_methods_log_gradient_conflicts_when_asked(mtl_main, tmp_path
     assert {f"grad/norm/{t}" for t in TASKS} | {"grad/cos/depth-normals"} <= tags
 
 
-@pytest.mark.parametrize("option", ["famo", "gradvac", "nash_mtl"])
+@pytest.mark.parametrize("option", ["famo", *[pytest.param(o, marks=pytest.mark.slow) for o in ("gradvac", "nash_mtl")]])
 def test_resuming_a_stateful_method_gives_the_uninterrupted_run(mtl_main, tmp_path, option):
     args = [*TINY, f"weighting={option}", "trainer.limit_train_batches=2", "logger=console"]
     ok(mtl_main("train", *args, f"hydra.run.dir={tmp_path / 'straight'}"))
