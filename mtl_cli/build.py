@@ -10,12 +10,12 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from mtl_cli.data.checks import CheckedSamples, label_ranges
 from mtl_cli.data.collate import collate
 from mtl_cli.data.files import SkipBad
-from mtl_cli.data.seeding import SeededBatches, SeededSamples
+from mtl_cli.data.seeding import SeededBatches, SeededSamples, ShardedBatches
 from mtl_cli.engine.signals import ignore_stop_requests
 from mtl_cli.data.transforms import compose, split_transforms
 from mtl_cli.errors import UserError
@@ -204,27 +204,31 @@ def resolve_data(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def build_loader(cfg: DictConfig, dataset: Dataset, train: bool = False, pin: bool = False) -> DataLoader:
+def build_loader(cfg: DictConfig, dataset: Dataset, train: bool = False, pin: bool = False,
+                 shard: tuple[int, int] = (0, 1)) -> DataLoader:
     """Batches of `dataset`: in order, or for training shuffled, full batches only.
 
     A training loader's batch sampler is a SeededBatches: `loader.batch_sampler.set_epoch(e)` makes the order of
     epoch e and the random augmentation of each of its samples depend on (cfg.seed, e) alone, not on which worker
     loads a sample or what it loaded before, and `skip(k)` starts the next pass after k batches: a resume is exact,
-    also in the middle of an epoch, with workers and random transforms."""
+    also in the middle of an epoch, with workers and random transforms. `shard=(rank, world)`: this process's
+    part of every batch (data.batch_size is the global batch of all processes)."""
     workers, batch_size = int(cfg.data.num_workers), int(cfg.data.batch_size)
     loader = {"num_workers": workers, "collate_fn": collate, "persistent_workers": workers > 0, "pin_memory": pin,
               "generator": torch.Generator().manual_seed(int(cfg.seed)), "worker_init_fn": ignore_stop_requests}
     several = hasattr(dataset, "batch_sampler")  # several datasets: each batch from one of them
     if not train:
-        if several:
-            return DataLoader(dataset, batch_sampler=dataset.batch_sampler(batch_size, None), **loader)
-        return DataLoader(dataset, batch_size=batch_size, **loader)
+        batches = dataset.batch_sampler(batch_size, None) if several else BatchSampler(
+            SequentialSampler(dataset), batch_size, drop_last=False)
+        return DataLoader(dataset, batch_sampler=ShardedBatches(batches, *shard) if shard[1] > 1 else batches,
+                          **loader)
     shuffle = torch.Generator()
     if several:
         batches = dataset.batch_sampler(batch_size, shuffle)
     else:
         batches = BatchSampler(RandomSampler(dataset, generator=shuffle), batch_size, drop_last=True)
-    return DataLoader(SeededSamples(dataset), batch_sampler=SeededBatches(batches, shuffle, int(cfg.seed)), **loader)
+    return DataLoader(SeededSamples(dataset), batch_sampler=SeededBatches(batches, shuffle, int(cfg.seed), shard),
+                      **loader)
 
 
 def adopt_facts(cfg: DictConfig, dataset: Dataset) -> DictConfig:

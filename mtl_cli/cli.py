@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 
-from mtl_cli import __version__, commands, completion
+from mtl_cli import __version__, commands, completion, launch
 from mtl_cli.errors import Stopped, UserError, suggest, user_message
 from mtl_cli.guard import SWEEPS, Refused
 
@@ -55,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     entry = getattr(commands, f"{command}_command")
     SWEEPS.clear()
     try:
+        if launch.under_torchrun() and not HELP_FLAGS.intersection(rest):
+            if os.environ["RANK"] != "0":  # torchrun's other ranks run what rank 0 sends (launch.py)
+                return launch.follow()
+            launch.lead()
         with commands.group_options_once() if HELP_FLAGS.intersection(rest) else contextlib.nullcontext():
             entry()
+        launch.release()  # torchrun's rank 0: no more jobs (a failed rank 0 leaves without: torchrun ends the rest)
     except Refused as e:
         return fail(f"mtl {command}", str(e.error))
     except KeyboardInterrupt as e:

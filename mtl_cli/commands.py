@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.object_type import ObjectType
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtl_cli.errors import Interrupted, reports_user_errors
 from mtl_cli.paths import config_dir
@@ -22,6 +22,7 @@ from mtl_cli.paths import config_dir
 @reports_user_errors("train")
 def train_command(cfg: DictConfig) -> float | None:
     """Returns the best value of the monitored metric (what a Hydra sweeper such as Optuna optimises)."""
+    from mtl_cli import launch
     from mtl_cli.engine.state import HydraValues, load_run
     from mtl_cli.runtime import without_trust
     from mtl_cli.train import train
@@ -32,8 +33,12 @@ def train_command(cfg: DictConfig) -> float | None:
         cfg, checkpoint = load_run(resume, cfg, "resume", HydraValues.of(HydraConfig.get()))
         with open_dict(cfg):
             cfg.resume = str(resume)  # resume=auto: the file it found
+    cfg, processes = without_trust(cfg), launch.processes(cfg)
     try:
-        return train(without_trust(cfg), run_dir, checkpoint)
+        if processes:
+            job = launch.Job("train", OmegaConf.to_yaml(cfg), str(run_dir), None if resume is None else str(resume))
+            return launch.distributed(job, processes)
+        return train(cfg, run_dir, checkpoint)
     except KeyboardInterrupt:
         last = run_dir / "checkpoints" / "last.pt"
         raise Interrupted(f"the last checkpoint is {last}: continue with mtl train resume={last}" if last.is_file()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from mtl_cli import launch
 from mtl_cli.build import build_dataset, build_delta, build_loader, resolve_data
+from mtl_cli.engine import distributed
 from mtl_cli.engine.batches import evaluate, limited
 from mtl_cli.engine.records import eval_record, write_record
 from mtl_cli.engine.report import metrics_table
@@ -21,17 +23,29 @@ def evaluate_checkpoint(composed: DictConfig, run_dir: Path, hydra: HydraValues)
     """`mtl eval`: scores composed.ckpt (its config + this command line's overrides) on data.split and writes
     <run_dir>/eval.json."""
     cfg, checkpoint = load_run(composed.ckpt, composed, "eval", hydra)
+    processes = launch.processes(cfg)
+    if processes:
+        return launch.distributed(launch.Job("eval", OmegaConf.to_yaml(cfg), str(run_dir), str(cfg.ckpt)), processes)
+    return evaluate_config(cfg, run_dir, checkpoint)
+
+
+def evaluate_config(cfg: DictConfig, run_dir: Path, checkpoint: dict) -> dict:
+    """Scores the model of `checkpoint` as `cfg` says; on several processes each scores its shard of every batch
+    and rank 0 writes eval.json."""
+    ranks = distributed.ranks()
     cfg = resolve_data(cfg)
     device = pick_device(cfg.trainer.device)
     tasks, model = trained_model(cfg, checkpoint, device)
     split = cfg.data.split
-    loader = build_loader(cfg, build_dataset(cfg, split), pin=device.type == "cuda")
+    loader = build_loader(cfg, build_dataset(cfg, split), pin=device.type == "cuda", shard=(ranks.rank, ranks.world))
     log.info(f"evaluating {cfg.ckpt} (epoch {checkpoint['epoch']}, step {checkpoint['step']}) on split {split!r}")
     results = evaluate(model, tasks, limited(loader, cfg.trainer.limit_val_batches), device, cfg.trainer.precision,
-                       delta_m=build_delta(cfg, tasks))
+                       delta_m=build_delta(cfg, tasks), ranks=ranks)
     directions = {name: task.directions() for name, task in tasks.items()}
     log.info(metrics_table({"value": results}, directions, title=f"{split} metrics"))
     record = eval_record(Path(cfg.ckpt), split, checkpoint, results, tasks)
+    if not ranks.main:
+        return record
     write_record(run_dir / "eval.json", record)
     log.info(f"wrote {run_dir / 'eval.json'}")
     return record

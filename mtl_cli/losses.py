@@ -56,6 +56,9 @@ class MaskedL1Loss(nn.Module):
         target = target.to(pred.dtype)
         return _masked_mean((pred - target).abs(), target != self.invalid_value, pred)
 
+    def count(self, pred: Tensor, target: Tensor) -> Tensor:
+        return (target != self.invalid_value).sum()
+
 
 class NormalCosineLoss(nn.Module):
     """Mean over valid pixels of ``1 - cos(pred, target)`` for surface normals ``[B, 3, H, W]``.
@@ -77,6 +80,9 @@ class NormalCosineLoss(nn.Module):
         target = target.to(pred.dtype)
         pred = unit_vectors(pred, eps=self.eps) if self.normalize else pred
         return _masked_mean(1 - (pred * target).sum(dim=1), (target != 0).any(dim=1), pred)
+
+    def count(self, pred: Tensor, target: Tensor) -> Tensor:
+        return (target != 0).any(dim=1).sum()
 
 
 class ScalarL1Loss(nn.Module):
@@ -126,6 +132,9 @@ class LandmarkLoss(nn.Module):
             err = F.smooth_l1_loss(pred, target, reduction="none", beta=self.beta)
         return _masked_mean(err, labelled, pred)
 
+    def count(self, pred: Tensor, target: Tensor) -> Tensor:
+        return target.isfinite().flatten(1).all(1).sum() * math.prod(target.shape[1:])
+
 
 class MaskedBCEWithLogitsLoss(nn.Module):
     """Binary cross-entropy with logits over the entries whose target is not ``ignore_value`` (many binary
@@ -140,6 +149,9 @@ class MaskedBCEWithLogitsLoss(nn.Module):
         known = target != self.ignore_value
         target = torch.where(known, target, 0).to(pred.dtype)
         return _masked_mean(F.binary_cross_entropy_with_logits(pred, target, reduction="none"), known, pred)
+
+    def count(self, pred: Tensor, target: Tensor) -> Tensor:
+        return (target != self.ignore_value).sum()
 
 
 class ArcFaceLoss(nn.Module):
@@ -189,3 +201,26 @@ class ArcFaceLoss(nn.Module):
             target_logit = torch.where(cos_t > math.cos(math.pi - m), with_margin, cos_t - m * math.sin(m))
         logits = cosine.scatter(1, label, target_logit) * self.scale
         return _masked_mean(F.cross_entropy(logits, label[:, 0], reduction="none"), labelled, cosine)
+
+    def count(self, pred: Tensor | Mapping[str, Tensor], target: Tensor) -> Tensor:
+        classes = (pred["cosine"] if isinstance(pred, Mapping) else pred).shape[1]
+        ignored = (target == self.ignore_index) if self.ignore_index is not None else torch.zeros_like(
+            target, dtype=torch.bool)
+        return (~ignored & (target >= 0) & (target < classes)).sum()
+
+
+def mean_count(loss: nn.Module, pred, target) -> Tensor | int:
+    """How many terms `loss(pred, target)` is the mean of (valid pixels, labelled samples, entries): the weight of
+    its value in a mean over several batches or processes, so that the split's or the global batch's mean is
+    that of all its terms, never a mean of means. A loss of ours says it (`count`); torch's are read here; any
+    other counts its samples."""
+    if hasattr(loss, "count"):
+        return loss.count(pred, target)
+    if isinstance(loss, nn.CrossEntropyLoss) and not target.is_floating_point():
+        valid = target != loss.ignore_index
+        return valid.sum() if loss.weight is None else (loss.weight[torch.where(valid, target, 0)] * valid).sum()
+    if isinstance(loss, (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)):
+        return target.numel() // (target.shape[1] if isinstance(loss, nn.CrossEntropyLoss) else 1)
+    if isinstance(target, Mapping):  # a several-part target (detection: boxes and labels per image)
+        target = next(iter(target.values()))
+    return len(target)

@@ -7,9 +7,11 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtl_cli.build import adopt_facts, build_dataset, build_delta, build_loader, call, instantiate, resolve_data
+from mtl_cli.engine import distributed
 from mtl_cli.engine.batches import evaluate, flatten, limited, to_device
 from mtl_cli.engine.checkpoint import CheckpointSchedule
 from mtl_cli.engine.logger import Logger
@@ -41,25 +43,40 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
 
 
 def prepare(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> Run:
-    """Every part built from the config, restored from `checkpoint` if given; the run dir's config and logger."""
+    """Every part built from the config, restored from `checkpoint` if given; the run dir's config and logger. On
+    several processes (launch.py) each rank reads its shard of every batch, and rank 0 alone writes."""
     check_config(cfg)  # types and ranges, also of a checkpoint's config and of each job of a sweep
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same on every rank: the same initial weights, the same draws of the methods
+    ranks = distributed.ranks()
     device = pick_device(cfg.trainer.device)
     autocast(cfg.trainer.precision, device)  # checks the precision before anything is written
     train_set = build_dataset(resolve_data(cfg), "train")
     cfg = adopt_facts(cfg, train_set)  # e.g. the class maps of a folder dataset, built from its train split
-    pin = device.type == "cuda"
-    train_loader = build_loader(cfg, train_set, train=True, pin=pin)
+    pin, shard = device.type == "cuda", (ranks.rank, ranks.world)
+    if int(cfg.data.batch_size) % ranks.world:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} (the global batch) does not split evenly over "
+                        f"{ranks.world} processes: use a multiple of {ranks.world}")
+    train_loader = build_loader(cfg, train_set, train=True, pin=pin, shard=shard)
     if len(train_loader) == 0:  # full batches only: a split smaller than one batch would train nothing, silently
         raise UserError(f"the train split has {len(train_set)} samples, fewer than data.batch_size="
                         f"{cfg.data.batch_size}: no full batch, so no training step. Lower data.batch_size")
-    state = build_state(cfg, device)
+    state = build_state(cfg, device, ranks)
     if checkpoint is not None:
         state.restore(checkpoint)
         log.info(f"resumed from {cfg.resume} at epoch {state.epoch}, step {state.step}"
                  + (f", batch {state.batch} of the epoch" if state.batch else ""))
     delta = build_delta(cfg, state.tasks)
     monitor = Monitor(cfg.trainer.monitor, cfg.trainer.monitor_mode, state.tasks, delta is not None)
+    logger = open_run_dir(cfg, run_dir, state, train_set, device) if ranks.main else Logger(run_dir, tensorboard=False)
+    saves = CheckpointSchedule(cfg.trainer.get("checkpoint_every_n_steps"), cfg.trainer.get("checkpoint_every_minutes"))
+    val_loader = build_loader(cfg, build_dataset(cfg, cfg.data.split), pin=pin, shard=shard)
+    return Run(state, device, logger, run_dir, train_loader, val_loader, monitor, delta, saves, ranks=ranks,
+               progress=EpochProgress(cfg.trainer.progress if ranks.main else "none"),
+               nonfinite=NonFinitePolicy(cfg.trainer.nonfinite, cfg.trainer.nonfinite_patience))
+
+
+def open_run_dir(cfg: DictConfig, run_dir: Path, state: TrainState, train_set, device: torch.device) -> Logger:
+    """The run dir's resolved config, and the configured logger with the config and the model summary."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     logger: Logger = call(instantiate(cfg.logger, "logger"), "logger", run_dir=run_dir)
@@ -67,11 +84,7 @@ def prepare(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> Run:
     log.info(f"run dir: {run_dir}\ndevice: {device}, tasks: {', '.join(state.tasks)}, weighting: "
              f"{type(state.weighting).__name__}")
     log_summary(state.model, input_size(train_set), cfg, logger)
-    saves = CheckpointSchedule(cfg.trainer.get("checkpoint_every_n_steps"), cfg.trainer.get("checkpoint_every_minutes"))
-    val_loader = build_loader(cfg, build_dataset(cfg, cfg.data.split), pin=pin)
-    return Run(state, device, logger, run_dir, train_loader, val_loader, monitor, delta, saves,
-               progress=EpochProgress(cfg.trainer.progress),
-               nonfinite=NonFinitePolicy(cfg.trainer.nonfinite, cfg.trainer.nonfinite_patience))
+    return logger
 
 
 def finished(state: TrainState) -> bool:
@@ -101,7 +114,9 @@ def train_batches(run: Run, batches, length: int) -> None:
     for batch in batches:
         state.batch += 1
         train_step(run, batch)
-        if run.stops.received is not None:
+        received = run.ranks.agree(run.stops.received)  # every rank stops after the same step
+        if received is not None:
+            run.stops.received = received
             run.stop()
         if state.batch < length and run.saves.due(state.step):  # the epoch's end writes its own
             state.save(run.last)
@@ -120,6 +135,7 @@ def train_step(run: Run, batch: dict) -> None:
         outputs, cut = state.model.forward_cut(batch["image"])  # heads read leaf copies: see models/base.py
         losses = {name: task.loss(*task.select(outputs[name], batch))
                   for name, task in state.tasks.items() if task.has_target(batch)}
+    losses = run.ranks.losses(losses, state.tasks, outputs, batch)  # several processes: the global batch's means
     if not losses:  # no sample of this batch has a label of any task: nothing to learn from it
         return
     state.optimizer.zero_grad(set_to_none=True)
@@ -127,13 +143,14 @@ def train_step(run: Run, batch: dict) -> None:
     logs = state.weighting.backward(losses, state.model, state.scaler, cut, log_grads=logged,
                                     measure=logged and bool(cfg.trainer.log_grad_conflicts))
     del outputs, cut  # the step's graph goes now, not after the next forward
+    run.ranks.average_grads(p for group in state.optimizer.param_groups for p in group["params"])
     norm = gradient_norm(state, cfg.trainer.grad_clip)  # clipped to trainer.grad_clip if set
     if not run.nonfinite.allows(state, losses, norm, run.last):
         return
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.step += 1
-    run.meter.add(logs, losses, len(batch["image"]))
+    run.meter.add(logs, losses, len(batch["image"]) * run.ranks.world)
     info = None
     if state.step % run.logger.log_every == 0:
         scalars = {**run.meter.take(), "lr": state.optimizer.param_groups[0]["lr"],
@@ -164,7 +181,7 @@ def validate(run: Run) -> bool:
     batches = limited(run.val_loader, state.cfg.trainer.limit_val_batches)
     try:
         results = evaluate(state.model, state.tasks, batches, run.device, state.cfg.trainer.precision,
-                           run.logger.num_images, run.delta)
+                           run.logger.num_images, run.delta, run.ranks)
     except UserError as e:  # bad validation data (a label, a file): the epoch's training is kept first
         state.save(run.last)
         raise UserError(f"{e}. Epoch {state.epoch}'s training is saved: once fixed, go on with "

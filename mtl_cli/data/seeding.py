@@ -27,10 +27,12 @@ class SeededBatches(Sampler):
     `generator` is the one `batches` shuffles with; `set_epoch(e)` seeds it for epoch e of the run seeded `seed`,
     so an epoch's order and augmentation depend on (seed, epoch) alone. `skip(k)` makes the next pass start after
     its first k batches (a resume in the middle of an epoch), without loading them and with the same seeds for
-    the batches after."""
+    the batches after. `shard=(rank, world)`: each batch is rank's part of the global batch (several processes),
+    so the global order and every sample's seed are those of a single process."""
 
-    def __init__(self, batches: Iterable[list[int]], generator: torch.Generator, seed: int = 0):
-        self.batches, self.generator, self.seed = batches, generator, int(seed)
+    def __init__(self, batches: Iterable[list[int]], generator: torch.Generator, seed: int = 0,
+                 shard: tuple[int, int] = (0, 1)):
+        self.batches, self.generator, self.seed, self.shard = batches, generator, int(seed), shard
         self.skipped = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -48,7 +50,31 @@ class SeededBatches(Sampler):
         for i, batch in enumerate(self.batches):
             batch_seeds = torch.randint(2**62, (len(batch),), generator=seeds).tolist()
             if i >= skipped:
-                yield list(zip(batch, batch_seeds))
+                yield part(list(zip(batch, batch_seeds)), *self.shard)
+
+
+class ShardedBatches(Sampler):
+    """Rank's part of each batch of `batches` (scoring on several processes: every sample scored once), leaving
+    out the batches that give this rank nothing."""
+
+    def __init__(self, batches: Iterable[list[int]], rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            mine = part(list(batch), self.rank, self.world)
+            if mine:
+                yield mine
+
+
+def part(batch: list, rank: int, world: int) -> list:
+    """Rank's contiguous part of a global batch; the parts' sizes differ by one at most."""
+    size, extra = divmod(len(batch), world)
+    start = rank * size + min(rank, extra)
+    return batch[start:start + size + (rank < extra)]
 
 
 class SeededSamples(Dataset):

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from mtl_cli.losses import mean_count
 from mtl_cli.runtime import autocast
 from mtl_cli.tasks import Task
 
@@ -34,16 +35,19 @@ def predict(model: nn.Module, image: torch.Tensor, precision: str = "32") -> dic
 
 class Scores:
     """Losses and metrics of every task, accumulated over all the batches given to `update` (metrics over the whole
-    split, never an average of per-batch values), with metric objects of its own."""
+    split, never an average of per-batch values), with metric objects of its own. On several processes (`ranks`,
+    an engine.distributed.Group) each scores its shard and `compute` combines them (the metrics through
+    torchmetrics' own synchronisation), giving every rank the scores of the whole split."""
 
-    def __init__(self, tasks: Mapping[str, Task]):
-        self.tasks = dict(tasks)
+    def __init__(self, tasks: Mapping[str, Task], ranks=None):
+        self.tasks, self.ranks = dict(tasks), ranks
         self.metrics = {name: copy.deepcopy(task.metrics) for name, task in self.tasks.items()}
         for metrics in self.metrics.values():
             for metric in metrics.values():
                 metric.reset()
         self.loss_sum = {name: 0.0 for name in self.tasks}
-        self.count = {name: 0 for name in self.tasks}
+        self.count = {name: 0.0 for name in self.tasks}  # the terms the losses were means of
+        self.samples = {name: 0 for name in self.tasks}
 
     @torch.no_grad()
     def update(self, outputs: Mapping, batch: Mapping) -> None:
@@ -53,11 +57,12 @@ class Scores:
             output, target = task.select(outputs[name], batch)
             output = output.float() if isinstance(output, torch.Tensor) else output
             mask = task.present(batch)
-            n = len(batch["image"]) if mask is None else int(mask.sum())
-            if n == 0:
+            if mask is not None and not bool(mask.any()):
                 continue
-            self.loss_sum[name] += float(task.loss(output, target)) * n
-            self.count[name] += n
+            terms = float(mean_count(task.loss, output, target))  # the split's mean loss is over all its terms
+            self.loss_sum[name] += float(task.loss(output, target)) * terms
+            self.count[name] += terms
+            self.samples[name] += len(batch["image"]) if mask is None else int(mask.sum())
             prediction = task.decode(output) if task.decode is not None else output
             for metric in self.metrics[name].values():
                 metric.update(prediction, target)
@@ -65,8 +70,13 @@ class Scores:
     def compute(self) -> dict:
         """{"loss": {task: mean loss per sample, "total": sum}, "metrics": {task: {metric: value}}}, over the tasks
         that had at least one labelled sample."""
-        scored = [name for name in self.tasks if self.count[name]]
-        losses = {name: self.loss_sum[name] / self.count[name] for name in scored}
+        names = list(self.tasks)
+        totals = torch.tensor([[self.loss_sum[n], self.count[n], self.samples[n]] for n in names], dtype=torch.float64)
+        if self.ranks is not None:
+            totals = self.ranks.total(totals)
+        scored = [name for name, (_, _, samples) in zip(names, totals.tolist()) if samples]
+        losses = {name: loss_sum / max(count, 1.0) for name, (loss_sum, count, samples) in zip(names, totals.tolist())
+                  if samples}
         losses["total"] = sum(losses.values())
         metrics = {name: values(self.metrics[name]) for name in scored}
         return {"loss": losses, "metrics": metrics}
@@ -83,11 +93,11 @@ def values(metrics: Mapping) -> dict[str, float]:
 
 
 def evaluate(model: nn.Module, tasks: Mapping[str, Task], batches: Iterable[dict], device: torch.device,
-             precision: str = "32", keep_examples: int = 0, delta_m: Callable | None = None) -> dict:
+             precision: str = "32", keep_examples: int = 0, delta_m: Callable | None = None, ranks=None) -> dict:
     """Scores of `model` over all of `batches`: {"loss", "metrics", "examples"} and "delta_m" when `delta_m`
     (metrics -> delta_m over single-task baselines) is given. "examples": the first `keep_examples` images of the
-    first batch with their outputs and targets, for TensorBoard."""
-    scores = Scores(tasks)
+    first batch with their outputs and targets, for TensorBoard. `ranks`: see Scores."""
+    scores = Scores(tasks, ranks)
     examples = None
     for batch in batches:
         batch = to_device(batch, device)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from mtl_cli.data.checks import check_batch
 from mtl_cli.engine.checkpoint import CheckpointSchedule
+from mtl_cli.engine.distributed import Alone
 from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.meter import StepMeter
 from mtl_cli.engine.monitor import Monitor
@@ -44,6 +45,7 @@ class Run:
     meter: StepMeter = field(default_factory=StepMeter)
     nonfinite: NonFinitePolicy = field(default_factory=NonFinitePolicy)
     checked: set = field(default_factory=set)  # the sets of tasks whose targets a batch was checked for
+    ranks: Alone = field(default_factory=Alone)  # the processes of the run (engine/distributed.py)
 
     @property
     def last(self) -> Path:
@@ -68,7 +70,9 @@ class Run:
                       f"hydra.run.dir={self.run_dir})", self.stops.received)
 
     def report(self, seconds: float) -> None:
-        """The table of the final and best validation, and metrics.json."""
+        """The table of the final and best validation, and metrics.json (rank 0's)."""
+        if not self.ranks.main:
+            return
         state, monitor = self.state, self.monitor
         final, best = state.results, state.best_results
         columns = {f"final (epoch {final['epoch']})": final} if final else {}

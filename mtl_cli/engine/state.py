@@ -16,7 +16,8 @@ from torch import nn
 
 from mtl_cli.build import build_model, build_optimizer, build_scheduler, build_tasks, build_weighting
 from mtl_cli.engine.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
-from mtl_cli.errors import RunFailed
+from mtl_cli.engine.distributed import Alone
+from mtl_cli.errors import RunFailed, UserError
 from mtl_cli.runtime import config_from_checkpoint
 from mtl_cli.schema import check_config
 from mtl_cli.tasks import Task
@@ -46,6 +47,7 @@ class TrainState:
     best_results: dict | None = None
     results: dict | None = None
     skipped_steps: int = 0
+    writes: bool = True  # False on the ranks other than 0 of several processes: their `save` writes nothing
 
     def checkpoint(self) -> dict[str, Any]:
         """Everything an exact resume needs, in types that torch.load(weights_only=True) reads. The config is kept
@@ -58,6 +60,8 @@ class TrainState:
     def save(self, path: Path) -> None:
         """Writes the checkpoint atomically; a model holding NaN or infinite weights is never written (the file
         there keeps the last finite ones)."""
+        if not self.writes:
+            return
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]  # buffers too (BN stats)
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
             kept = f"{path} keeps the last finite weights" if path.exists() else f"{path.name} is not written"
@@ -92,14 +96,29 @@ class NonFinite(RunFailed):
     """The run met a NaN or infinite loss, gradient or weight (trainer.nonfinite)."""
 
 
-def build_state(cfg: DictConfig, device: torch.device) -> TrainState:
-    """Tasks, model, weighting, optimizer, schedule and gradient scaler of `cfg`, on `device`."""
+def build_state(cfg: DictConfig, device: torch.device, ranks: Alone | None = None) -> TrainState:
+    """Tasks, model, weighting, optimizer, schedule and gradient scaler of `cfg`, on `device`; on several
+    processes (`ranks`), the weighting combines the ranks' task gradients and only rank 0's state writes."""
+    ranks = ranks or Alone()
     tasks = {name: task.to(device) for name, task in build_tasks(cfg).items()}
-    model = build_model(cfg, tasks).to(device)
+    model = build_model(cfg, tasks)
+    if cfg.trainer.get("sync_batchnorm"):
+        model = sync_batchnorm(model, device, ranks)
+    model = model.to(device)
     weighting = build_weighting(cfg, tasks).to(device)
+    weighting.ranks = ranks
     optimizer = build_optimizer(cfg, model, weighting)
     scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16")
-    return TrainState(cfg, model, tasks, weighting, optimizer, build_scheduler(cfg, optimizer), scaler)
+    return TrainState(cfg, model, tasks, weighting, optimizer, build_scheduler(cfg, optimizer), scaler,
+                      writes=ranks.main)
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device, ranks: Alone) -> nn.Module:
+    """trainer.sync_batchnorm: batch statistics over the global batch of every rank (torch's SyncBatchNorm)."""
+    if device.type != "cuda":
+        raise UserError("trainer.sync_batchnorm=true: torch's SyncBatchNorm runs on CUDA GPUs only; on the CPU each "
+                        "process normalises its own shard (set it false, or use backbone.norm=group_norm)")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if ranks.world > 1 else model
 
 
 def replayed_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: int):

@@ -37,6 +37,7 @@ class Weighting(nn.Module):
     def __init__(self, tasks: Sequence[str]):
         super().__init__()
         self.tasks = list(tasks)
+        self.ranks = None  # on several processes, where they combine the task gradients: set by the training loop
 
     def weights(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The weight of each task present, as 0-dim tensors (they may carry gradients, e.g. learned weights)."""
@@ -65,7 +66,8 @@ class Weighting(nn.Module):
         if isinstance(own, torch.Tensor) and own.requires_grad:  # learned weights get their gradient alone
             scaler.scale(own).backward()
         coefficients = torch.stack([weights[t].detach() for t in losses]).float()
-        jacobian = gradients.task_gradients(list(losses.values()), model, cut, "params", scaler)
+        jacobian = gradients.task_gradients(list(losses.values()), model, cut, "params", scaler,
+                                             ranks=self.ranks)
         jacobian.apply(coefficients @ jacobian.matrix, coefficients)
         logs.update(gradient_stats(jacobian.matrix, list(losses)))
         return logs
@@ -142,7 +144,8 @@ class GradientWeighting(Weighting):
         self.steps += 1
         if not refresh:  # reuse the last loss weights: one ordinary backward
             return super().backward(losses, model, scaler, cut, log_grads, measure)
-        jacobian = gradients.task_gradients(list(losses.values()), model, cut, self.grad_target, scaler)
+        jacobian = gradients.task_gradients(list(losses.values()), model, cut, self.grad_target, scaler,
+                                             ranks=self.ranks)
         values = torch.stack([losses[t].detach().float() for t in names])
         self.loss_scale = jacobian.scale
         if jacobian.finite():

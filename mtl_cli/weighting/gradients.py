@@ -13,6 +13,10 @@ heads plus T backward passes through the trunk alone:
 2. `params`: for each task, `grad(features, shared, grad_outputs=dL_t/dfeatures)`, a backward through the trunk;
    `representation`: the rows are the dL_t/dfeatures themselves and the trunk runs once, in `apply`.
 
+On several processes the matrix is combined across the ranks before anyone aggregates it (`ranks`, an
+engine.distributed.Group handed in by the training loop): averaged for `params`, gathered column-wise for
+`representation` (each rank's samples), and `apply` takes this rank's columns of the update back.
+
 `scripts/bench_jacobian.py` measures this against T full backward passes, `is_grads_batched` and torch.func;
 the trunk passes are looped (`backend="loop"`): batching them with vmap was no faster (figures in the README).
 """
@@ -51,9 +55,12 @@ class TaskJacobian:
 
     def __init__(self, matrix: torch.Tensor, shared: list[torch.Tensor], heads: list[nn.Parameter],
                  head_grads: list[Sequence[torch.Tensor | None]], features: list[torch.Tensor] | None,
-                 target: str, scale: float):
+                 target: str, scale: float, ranks=None):
         self.matrix, self.shared, self.heads, self.head_grads = matrix, shared, heads, head_grads
         self.features, self.target, self.scale = features, target, scale
+        self.ranks = ranks
+        if ranks is not None:
+            self.matrix = ranks.matrix(matrix, target)
 
     def finite(self) -> bool:
         return bool(torch.isfinite(self.matrix).all())
@@ -62,6 +69,10 @@ class TaskJacobian:
         """Accumulates `update` [P] into the shared parameters' gradients (through the trunk for the
         representation target) and sum_t head_weights[t] * (task t's head gradient) into the other parameters'.
         Everything is multiplied back by the loss scale, so the GradScaler unscales and checks as usual."""
+        if self.ranks is not None:
+            update = self.ranks.columns(update, self.target)
+            if self.target == "params":
+                self.ranks.mark_global(self.shared)
         update = update * self.scale if self.scale != 1.0 else update
         pieces = update.split([t.numel() for t in self.shared])
         if self.target == "representation":
@@ -79,11 +90,12 @@ class TaskJacobian:
 
 
 def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, cut: FeatureCut | None, target: str,
-                   scaler: torch.amp.GradScaler | None = None, backend: str = "loop") -> TaskJacobian:
+                   scaler: torch.amp.GradScaler | None = None, backend: str = "loop", ranks=None) -> TaskJacobian:
     """The gradient of each loss with respect to the shared parameters (`params`) or to the shared `features`
     (`representation`), as rows of a matrix. `cut`: the features `model.encode` returned, cut from the heads'
     graph, or None for a model without that split (then every task runs a full backward). `backend`: how the
-    trunk passes run, `loop` (one retained backward each) or `batched` (`is_grads_batched`, vmap)."""
+    trunk passes run, `loop` (one retained backward each) or `batched` (`is_grads_batched`, vmap). `ranks`: the
+    process group's combining points (see the module's docstring), or None for one process."""
     if scaler is not None and scaler.is_enabled():  # scaler.scale (not a plain product): it arms scaler.step
         scaled, scale = [scaler.scale(loss) for loss in losses], float(scaler.get_scale())
     else:
@@ -105,7 +117,7 @@ def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, cut: Featur
             grads = torch.autograd.grad(loss, shared_params + heads, retain_graph=i < count - 1, allow_unused=True)
             flat(grads[:len(shared_params)], shared_params, out=matrix[i])
             head_grads.append(grads[len(shared_params):])
-        return TaskJacobian(unscale(matrix, scale), shared_params, heads, head_grads, None, "params", scale)
+        return TaskJacobian(unscale(matrix, scale), shared_params, heads, head_grads, None, "params", scale, ranks)
 
     features, leaves = cut.features, cut.inputs
     feature_grads, head_grads = [], []
@@ -117,7 +129,7 @@ def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, cut: Featur
         matrix = rows_for(count, features)
         for row, grads in zip(matrix, feature_grads):
             flat(grads, features, out=row)
-        return TaskJacobian(unscale(matrix, scale), features, heads, head_grads, features, target, scale)
+        return TaskJacobian(unscale(matrix, scale), features, heads, head_grads, features, target, scale, ranks)
 
     live = [k for k, f in enumerate(features) if f.requires_grad]  # maps of frozen stages carry no gradient
     features, feature_grads = [features[k] for k in live], [[g[k] for k in live] for g in feature_grads]
@@ -131,7 +143,7 @@ def task_gradients(losses: Sequence[torch.Tensor], model: nn.Module, cut: Featur
         for i, grads in enumerate(feature_grads):
             flat(torch.autograd.grad(features, shared_params, grads, retain_graph=i < count - 1, allow_unused=True),
                  shared_params, out=matrix[i])
-    return TaskJacobian(unscale(matrix, scale), shared_params, heads, head_grads, None, "params", scale)
+    return TaskJacobian(unscale(matrix, scale), shared_params, heads, head_grads, None, "params", scale, ranks)
 
 
 def rows_for(count: int, like: Sequence[torch.Tensor]) -> torch.Tensor:
