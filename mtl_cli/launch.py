@@ -8,6 +8,7 @@ rank's warnings and errors reach the console and the run's log."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -63,12 +64,26 @@ def launch(job: Job, count: int):
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn")
     log.info(f"starting {count} processes (torch.distributed.launcher), one per device")
     try:
-        results = elastic_launch(config, worker)(job)
+        with quiet("torch.distributed.elastic", "torch.multiprocessing"):  # a failure is told once, below
+            results = elastic_launch(config, worker)(job)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
         raise reraised(rank, str(message), failure.exitcode) from None
     return results[0]
+
+
+@contextlib.contextmanager
+def quiet(*names: str):
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def reraised(rank: int, message: str, exitcode: int) -> BaseException:
@@ -77,7 +92,7 @@ def reraised(rank: int, message: str, exitcode: int) -> BaseException:
     where = f"rank {rank}: {text}"
     if kind == "Stopped":
         return Stopped(where, exitcode - 128)
-    if kind in ("UserError", "RunFailed", "NonFinite"):
+    if kind in ("UserError", "RunFailed"):
         return (UserError if kind == "UserError" else RunFailed)(where)
     if kind in ("Interrupted", "KeyboardInterrupt"):
         return Interrupted(where)
@@ -91,8 +106,10 @@ def worker(job: Job):
     join()
     try:
         return record(execute)(job)
-    except (UserError, Stopped, Interrupted) as e:  # the launcher tells the user; no traceback
-        ErrorHandler().record_exception(e)
+    except (UserError, Stopped, Interrupted) as e:  # the launcher tells the user, as the kind `reraised` knows
+        kind = Stopped if isinstance(e, Stopped) else Interrupted if isinstance(e, Interrupted) else \
+            RunFailed if isinstance(e, RunFailed) else UserError
+        ErrorHandler().record_exception(e if kind is Stopped else kind(str(e)))
         status = 128 + e.signal if isinstance(e, Stopped) else 130 if isinstance(e, Interrupted) else e.status
         sys.exit(status)
     finally:

@@ -183,6 +183,8 @@ def validate(run: Run) -> bool:
         results = evaluate(state.model, state.tasks, batches, run.device, state.cfg.trainer.precision,
                            run.logger.num_images, run.delta, run.ranks)
     except UserError as e:  # bad validation data (a label, a file): the epoch's training is kept first
+        if not state.writes:  # another rank's: rank 0 is waiting for this one, which cannot save
+            raise
         state.save(run.last)
         raise UserError(f"{e}. Epoch {state.epoch}'s training is saved: once fixed, go on with "
                         f"mtl train resume={run.last}") from None

@@ -3,6 +3,7 @@ spawns can import it): the trainer's own steps and scoring on this rank's shard 
 
 from __future__ import annotations
 
+import io
 import tempfile
 from pathlib import Path
 
@@ -68,6 +69,33 @@ def train_steps(config: str) -> dict:
             "weighting": {k: v.clone() for k, v in state.weighting.state_dict().items()}}
 
 
+def steps_from(config: str, checkpoint: bytes | None, first: int, last: int) -> dict:
+    """Batches first..last of epoch 0 on this rank's shard, from `checkpoint` (the bytes of a file written after
+    batch `first`, by any number of processes) if given: the checkpoint's bytes and the parameters after them.
+    (Bytes, as in a file: tensors handed to another process share its memory, and every rank would then step one
+    optimizer state.)"""
+    if checkpoint is not None:
+        checkpoint = torch.load(io.BytesIO(checkpoint), weights_only=True)
+    cfg = OmegaConf.create(config)
+    ranks = distributed.ranks()
+    state = state_without_batch_norm(cfg, ranks)
+    if checkpoint is not None:
+        state.restore(checkpoint)
+        assert state.batch == first
+    loader = build_loader(cfg, build_dataset(cfg, "train"), train=True, shard=(ranks.rank, ranks.world))
+    loader.batch_sampler.set_epoch(0)
+    loader.batch_sampler.skip(first)
+    with tempfile.TemporaryDirectory() as folder:
+        run = Run(state, torch.device("cpu"), Recorder(folder), Path(folder), ranks=ranks)
+        state.model.train()
+        for batch, _ in zip(loader, range(last - first)):
+            state.batch += 1
+            train_step(run, batch)
+    saved = io.BytesIO()
+    torch.save(state.checkpoint(), saved)
+    return {"checkpoint": saved.getvalue(), "params": {k: v.detach().clone() for k, v in state.model.state_dict().items()}}
+
+
 def scores(config: str) -> dict:
     """The validation scores of a freshly built model, each rank scoring its shard."""
     cfg = OmegaConf.create(config)
@@ -78,13 +106,13 @@ def scores(config: str) -> dict:
     return {"loss": results["loss"], "metrics": results["metrics"], "samples": sum(len(b["image"]) for b in loader)}
 
 
-def rank_main(jobs: list[tuple[str, str]]) -> list[dict]:
-    """Runs each (function name, config) in this process's group, in order."""
+def rank_main(jobs: list[tuple]) -> list[dict]:
+    """Runs each (function name, *arguments) in this process's group, in order."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     try:
         torch.set_num_threads(1)
-        return [globals()[name](config) for name, config in jobs]
+        return [globals()[name](*arguments) for name, *arguments in jobs]
     finally:
         dist.destroy_process_group()

@@ -4,6 +4,10 @@ single-process scores; the CLI runs, resumes across world sizes and fails as one
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -39,8 +43,11 @@ def on_two_ranks(jobs: list[tuple[str, str]]) -> list[dict]:
 def two_ranks():
     """Every case's steps, and the scores, on two ranks: one launch for all of them."""
     jobs = [("train_steps", config(*case)) for case in CASES] + [("scores", config("ew", "params"))]
+    resumed = config("pcgrad", "params")  # pcgrad draws random orders: the generators must continue too
+    one_rank_first = ranks_worker.steps_from(resumed, None, 0, 2)["checkpoint"]
+    jobs += [("steps_from", resumed, None, 0, 3), ("steps_from", resumed, one_rank_first, 2, 5)]
     results = on_two_ranks(jobs)
-    return dict(zip(CASES, results)), results[-1]
+    return dict(zip(CASES, results)), results[len(CASES)], results[-2:]
 
 
 def close(a: float, b: float, tol: float = 1e-5) -> bool:
@@ -74,3 +81,64 @@ def test_sharded_scoring_gives_the_single_process_scores_of_an_odd_split(two_ran
     for task, metrics in ours["metrics"].items():
         for metric, value in metrics.items():
             assert close(value, theirs["metrics"][task][metric], 1e-6), (task, metric)
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_one_and_back_as_a_straight_run(two_ranks, one_thread):
+    two_first, two_last = two_ranks[2]
+    resumed = config("pcgrad", "params")
+    straight = ranks_worker.steps_from(resumed, None, 0, 5)["params"]
+    one_after_two = ranks_worker.steps_from(resumed, two_first["checkpoint"], 3, 5)["params"]
+    for name, value in straight.items():
+        torch.testing.assert_close(one_after_two[name], value, atol=1e-5, rtol=1e-5, msg=f"2 then 1 rank: {name}")
+        torch.testing.assert_close(two_last["params"][name], value, atol=1e-5, rtol=1e-5, msg=f"1 then 2: {name}")
+
+
+CLI = [*SIZE, "trainer.max_epochs=1", "trainer.progress=none", "logger=console"]
+
+
+def test_mtl_train_on_two_processes_writes_one_run_dir_and_eval_on_two_scores_as_on_one(mtl_main, tmp_path):
+    ran = mtl_main("train", *CLI, "trainer.devices=2", "hydra.run.dir=two")
+    assert ran.status == 0, ran
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".hydra", ".mtl.lock", "checkpoints",
+                                                                   "config.yaml", "metrics.json", "train.log"]
+    assert [p.name for p in tmp_path.iterdir()] == ["two"]  # no directory of another rank
+    log = (tmp_path / "two" / "train.log").read_text()
+    assert "starting 2 processes" in log and log.count("validation metrics") == 1  # rank 0's table, once
+    best = tmp_path / "two" / "checkpoints" / "best.pt"
+    scored = {}
+    for devices in (1, 2):
+        ran = mtl_main("eval", f"ckpt={best}", f"trainer.devices={devices}", f"hydra.run.dir=eval{devices}")
+        assert ran.status == 0, ran
+        scored[devices] = json.loads((tmp_path / f"eval{devices}" / "eval.json").read_text())
+    for task, metrics in scored[1]["metrics"].items():
+        for metric, value in metrics.items():
+            assert close(value, scored[2]["metrics"][task][metric], 1e-6), (task, metric)
+    ran = mtl_main("train", f"resume={tmp_path / 'two/checkpoints/last.pt'}", "trainer.max_epochs=2", "trainer.devices=1",
+                   "hydra.run.dir=one")  # a checkpoint of two processes goes on in one
+    assert ran.status == 0 and "resumed from" in ran.out and "at epoch 1, step 5" in ran.out, ran
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_one_line(mtl_main):
+    ran = mtl_main("train", *CLI, "data.batch_size=7", "trainer.devices=2", "hydra.run.dir=run")
+    assert ran.status == 2 and "Traceback" not in ran.err, ran
+    assert ran.err.strip() == ("mtl train: error: rank 0: data.batch_size=7 (the global batch) does not split evenly "
+                               "over 2 processes: use a multiple of 2")
+
+
+@pytest.mark.slow
+def test_a_sweep_of_two_distributed_jobs(mtl_main, tmp_path):
+    ran = mtl_main("train", "-m", *CLI, "trainer.devices=2", "seed=0,1", "hydra.sweep.dir=sweep")
+    assert ran.status == 0, ran
+    assert sorted(json.loads((tmp_path / f"sweep/{job}/metrics.json").read_text())["final"]["epoch"]
+                  for job in (0, 1)) == [1, 1]
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_same_recipe(tmp_path):
+    """torchrun's own processes: rank 0 composes and hands the job on; one run dir."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mtl_cli",
+               "train", *CLI, "hydra.run.dir=run"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]

@@ -108,6 +108,15 @@ def test_with_workers_the_message_is_the_same_one_line(nyuv2, mtl_main):
                              f"resume={Path.cwd() / 'run/checkpoints/last.pt'}")
 
 
+def test_a_bad_label_in_one_ranks_shard_ends_the_distributed_run_with_its_line(nyuv2, mtl_main):
+    """Validation batch [0, 1] gives sample 1 to rank 1 alone: its error ends both processes and the command."""
+    found = spoil_label(nyuv2, "val", 1)
+    r = mtl_main("train", *RUN, f"data.root={nyuv2}", "trainer.devices=2")
+    assert error_line(r) == (f"mtl train: error: rank 1: split 'val', sample 1 ({nyuv2}/val/label/1.npy): {RANGE}, "
+                             f"{found}: {REMEDY}")
+    assert not Path("run/metrics.json").exists()
+
+
 def test_with_workers_a_missing_file_is_still_a_user_error(nyuv2, mtl_main):
     """BadSample crosses the worker process as the same one line (torch would rebuild it as a RuntimeError)."""
     (nyuv2 / "train" / "depth" / "3.npy").unlink()
