@@ -41,9 +41,11 @@ def under_torchrun() -> bool:
 def processes(cfg: DictConfig) -> int:
     """How many processes this config asks for: 0 for a plain single-process run."""
     devices, strategy = int(cfg.trainer.get("devices", 1)), cfg.trainer.get("strategy", "auto")
-    if under_torchrun():
-        return int(os.environ["WORLD_SIZE"])
-    return devices if devices > 1 or strategy == "ddp" else 0
+    count = int(os.environ["WORLD_SIZE"]) if under_torchrun() else devices if devices > 1 or strategy == "ddp" else 0
+    if count and int(cfg.data.batch_size) % count:  # said before any process starts (train.prepare says it too)
+        raise UserError(f"data.batch_size={cfg.data.batch_size} (the global batch) does not split evenly over "
+                        f"{count} processes: use a multiple of {count}")
+    return count
 
 
 def distributed(job: Job, count: int):

@@ -172,6 +172,7 @@ def test_eval_errors(mtl_main, tmp_path):
     assert no_ckpt.status == 2 and "ckpt" in no_ckpt.err
 
 
+@pytest.mark.slow  # a longer variant; the default run checks the same more cheaply
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(mtl_main, tmp_path):
     """Only the killed run is a process of its own (on as many threads as this one: the same sums)."""
     args = [*TINY, "data.dataset.scenes={train:320,val:16,test:16}", "trainer.max_epochs=3", "logger=console"]
@@ -230,6 +231,7 @@ def test_a_checkpoint_cannot_make_mtl_call_functions_its_configs_do_not_name(tra
     assert not marker.exists()
 
 
+@pytest.mark.slow  # a longer variant; the default run checks the same more cheaply
 def test_resume_with_workers_and_a_longer_schedule_matches_a_straight_run(mtl_main, tmp_path):
     """With a random transform: each sample is augmented with a seed of its own drawn from the epoch's shuffle
     generator, so which worker loads it, and what that worker loaded before, change nothing."""

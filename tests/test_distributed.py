@@ -24,6 +24,9 @@ CASES = [("ew", "params"), ("uw", "params"), ("pcgrad", "params"), ("pcgrad", "r
          ("mgda", "params"), ("mgda", "representation"), ("cagrad", "params"), ("cagrad", "representation"),
          ("nash_mtl", "params"), ("nash_mtl", "representation")]
 
+DEFAULT_CASES = [("ew", "params"), ("uw", "params"), ("pcgrad", "representation"), ("mgda", "params"),
+           ("cagrad", "representation"), ("nash_mtl", "params")]  # each method, the targets alternating
+
 
 def config(weighting: str, target: str) -> str:
     overrides = [*SIZE, f"weighting={weighting}"]
@@ -40,21 +43,24 @@ def on_two_ranks(jobs: list[tuple[str, str]]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    """Every case's steps, and the scores, on two ranks: one launch for all of them."""
-    jobs = [("train_steps", config(*case)) for case in CASES] + [("scores", config("ew", "params"))]
+def two_ranks(request):
+    """Every case's steps (the default run's, unless -m selects the slow ones too), and the scores, on two ranks:
+    one launch for all of them."""
+    cases = DEFAULT_CASES if "not slow" in request.config.getoption("markexpr") else CASES
+    jobs = [("train_steps", config(*case)) for case in cases] + [("scores", config("ew", "params"))]
     resumed = config("pcgrad", "params")  # pcgrad draws random orders: the generators must continue too
     one_rank_first = ranks_worker.steps_from(resumed, None, 0, 2)["checkpoint"]
     jobs += [("steps_from", resumed, None, 0, 3), ("steps_from", resumed, one_rank_first, 2, 5)]
     results = on_two_ranks(jobs)
-    return dict(zip(CASES, results)), results[len(CASES)], results[-2:]
+    return dict(zip(cases, results)), results[len(cases)], results[-2:]
 
 
 def close(a: float, b: float, tol: float = 1e-5) -> bool:
     return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{w}-{t}" for w, t in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=f"{c[0]}-{c[1]}", marks=() if c in DEFAULT_CASES else pytest.mark.slow)
+                                  for c in CASES])
 def test_two_ranks_with_half_batches_step_as_one_process_with_the_whole_batch(two_ranks, case, one_thread):
     theirs = two_ranks[0][case]
     ours = ranks_worker.train_steps(config(*case))  # one process: no group
@@ -96,7 +102,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_back_as_a_straight_run(two
 CLI = [*SIZE, "trainer.max_epochs=1", "trainer.progress=none", "logger=console"]
 
 
-def test_mtl_train_on_two_processes_writes_one_run_dir_and_eval_on_two_scores_as_on_one(mtl_main, tmp_path):
+def test_mtl_train_on_two_processes_writes_one_run_dir_that_one_process_resumes(mtl_main, tmp_path):
     ran = mtl_main("train", *CLI, "trainer.devices=2", "hydra.run.dir=two")
     assert ran.status == 0, ran
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".hydra", ".mtl.lock", "checkpoints",
@@ -104,24 +110,29 @@ def test_mtl_train_on_two_processes_writes_one_run_dir_and_eval_on_two_scores_as
     assert [p.name for p in tmp_path.iterdir()] == ["two"]  # no directory of another rank
     log = (tmp_path / "two" / "train.log").read_text()
     assert "starting 2 processes" in log and log.count("validation metrics") == 1  # rank 0's table, once
-    best = tmp_path / "two" / "checkpoints" / "best.pt"
+    ran = mtl_main("train", f"resume={tmp_path / 'two/checkpoints/last.pt'}", "trainer.max_epochs=2",
+                   "trainer.devices=1", "hydra.run.dir=one")  # a checkpoint of two processes goes on in one
+    assert ran.status == 0 and "resumed from" in ran.out and "at epoch 1, step 5" in ran.out, ran
+
+
+@pytest.mark.slow
+def test_mtl_eval_on_two_processes_scores_as_on_one(mtl_main, tmp_path):
+    assert mtl_main("train", *CLI, "hydra.run.dir=run").status == 0
     scored = {}
     for devices in (1, 2):
-        ran = mtl_main("eval", f"ckpt={best}", f"trainer.devices={devices}", f"hydra.run.dir=eval{devices}")
+        ran = mtl_main("eval", f"ckpt={tmp_path / 'run/checkpoints/best.pt'}", f"trainer.devices={devices}",
+                       f"hydra.run.dir=eval{devices}")
         assert ran.status == 0, ran
         scored[devices] = json.loads((tmp_path / f"eval{devices}" / "eval.json").read_text())
     for task, metrics in scored[1]["metrics"].items():
         for metric, value in metrics.items():
             assert close(value, scored[2]["metrics"][task][metric], 1e-6), (task, metric)
-    ran = mtl_main("train", f"resume={tmp_path / 'two/checkpoints/last.pt'}", "trainer.max_epochs=2", "trainer.devices=1",
-                   "hydra.run.dir=one")  # a checkpoint of two processes goes on in one
-    assert ran.status == 0 and "resumed from" in ran.out and "at epoch 1, step 5" in ran.out, ran
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_one_line(mtl_main):
     ran = mtl_main("train", *CLI, "data.batch_size=7", "trainer.devices=2", "hydra.run.dir=run")
     assert ran.status == 2 and "Traceback" not in ran.err, ran
-    assert ran.err.strip() == ("mtl train: error: rank 0: data.batch_size=7 (the global batch) does not split evenly "
+    assert ran.err.strip() == ("mtl train: error: data.batch_size=7 (the global batch) does not split evenly "
                                "over 2 processes: use a multiple of 2")
 
 

@@ -108,6 +108,7 @@ def test_with_workers_the_message_is_the_same_one_line(nyuv2, mtl_main):
                              f"resume={Path.cwd() / 'run/checkpoints/last.pt'}")
 
 
+@pytest.mark.slow  # a longer variant; the default run checks the same more cheaply
 def test_a_bad_label_in_one_ranks_shard_ends_the_distributed_run_with_its_line(nyuv2, mtl_main):
     """Validation batch [0, 1] gives sample 1 to rank 1 alone: its error ends both processes and the command."""
     found = spoil_label(nyuv2, "val", 1)

@@ -251,6 +251,7 @@ def test_summary_counts_parameters_and_macs_by_hand():
     assert rows["shared"]["parameters"] + rows["count"]["parameters"] == rows["total"]["parameters"]
 
 
+@pytest.mark.slow  # a longer variant; the default run checks the same more cheaply
 def test_every_architecture_trains_from_the_command_line_and_reports_its_summary(mtl_main, tmp_path):
     ok(mtl_main("train", "-m", "architecture=stl,mtan,cross_stitch,mmoe", *TINY, "trainer.max_epochs=1"))
     runs = run_dirs(tmp_path / "multirun")

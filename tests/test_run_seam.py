@@ -43,7 +43,7 @@ def signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM):
     return real
 
 
-@pytest.mark.parametrize("weighting", ["ew", "pcgrad"])
+@pytest.mark.parametrize("weighting", ["ew", pytest.param("pcgrad", marks=pytest.mark.slow)])
 def test_sigterm_mid_epoch_saves_and_resume_auto_ends_bit_identical(mtl_main, tmp_path, monkeypatch, weighting):
     assert mtl_main("train", *RUN, f"weighting={weighting}", "hydra.run.dir=straight").status == 0
     real = signal_at_step(monkeypatch, 7)  # epoch 2, batch 2
@@ -74,6 +74,7 @@ def test_checkpoints_every_n_steps_inside_the_epoch(mtl_main, tmp_path, monkeypa
     assert inside == [("last.pt", 0, 2, 2), ("last.pt", 0, 4, 4), ("last.pt", 1, 1, 6), ("last.pt", 1, 3, 8)]
 
 
+@pytest.mark.slow  # a longer variant; the default run checks the same more cheaply
 def test_a_resume_from_a_mid_epoch_checkpoint_of_data_multi_with_workers_is_exact(mtl_main, tmp_path, monkeypatch):
     multi = ["experiment=digits_multi", "data.members.scenes.dataset.scenes={train:24,val:8,test:8}",
              "data.members.counts.dataset.scenes={train:16,val:8,test:8}", "data.members.scenes.dataset.image_size=32",

@@ -113,6 +113,7 @@ def test_records_are_strict_json_with_nonfinite_values_marked(tmp_path):
     assert record["nonfinite"] == ["final.loss.depth", "final.loss.total", "values[1]"]
 
 
+@pytest.mark.slow  # a longer variant; the default run checks the same more cheaply
 def test_ctrl_c_is_one_line_naming_the_last_checkpoint(tmp_path):
     """A real SIGINT through the console script: one line on stderr, exit status 130."""
     mtl = str(Path(sys.executable).with_name("mtl"))
