@@ -59,15 +59,21 @@ def distributed(job: Job, count: int):
 
 
 def launch(job: Job, count: int):
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=f"mtl-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn")
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
+                          signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     log.info(f"starting {count} processes (torch.distributed.launcher), one per device")
     try:
         with quiet("torch.distributed.elastic", "torch.multiprocessing"):  # a failure is told once, below
             results = elastic_launch(config, worker)(job)
+    except SignalException as e:  # SIGTERM/SIGUSR1...: the launcher passed it on; the ranks finished their step
+        last = Path(job.run_dir) / "checkpoints" / "last.pt"
+        raise Stopped(f"stopped by {e.sigval.name}: {last} holds the last step; continue with mtl train "
+                      f"resume={last} (or resume=auto hydra.run.dir={job.run_dir})", int(e.sigval)) from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message

@@ -482,3 +482,49 @@ def test_torchmetrics_builtins_match_numpy():
     mae.update(_t(b_p), _t(b_t))
     expected = np.abs(np.concatenate([a_p - a_t, b_p - b_t])).mean()
     assert mae.compute().item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mean_count_is_the_number_of_terms_each_loss_averages():
+    """loss * mean_count = the sum of the loss's terms, computed here with reduction="none" or by hand, so that a
+    mean over several batches or processes weighted by the counts is the mean over all their terms."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from mtl_cli.losses import (ArcFaceLoss, LandmarkLoss, MaskedBCEWithLogitsLoss, MaskedL1Loss, NormalCosineLoss,
+                                ScalarL1Loss, mean_count)
+
+    g = torch.Generator().manual_seed(0)
+    depth, target = torch.rand(2, 1, 4, 4, generator=g), torch.rand(2, 1, 4, 4, generator=g) + 0.1
+    target[0, 0, 0, :3] = 0
+    logits, labels = torch.randn(2, 3, 4, 4, generator=g), torch.randint(0, 3, (2, 4, 4), generator=g)
+    labels[0, 0] = 255
+    weight = torch.tensor([1.0, 2.0, 5.0])
+    normals = F.normalize(torch.randn(2, 3, 4, 4, generator=g), dim=1)
+    normals_target = F.normalize(torch.randn(2, 3, 4, 4, generator=g), dim=1)
+    normals_target[1, :, 2] = 0
+    attributes, known = torch.randn(3, 5, generator=g), torch.randint(-1, 2, (3, 5), generator=g).float()
+    points, point_targets = torch.rand(3, 4, 2, generator=g), torch.rand(3, 4, 2, generator=g)
+    point_targets[1, 0, 0] = float("nan")
+    cosines, identities = torch.rand(4, 6, generator=g) * 2 - 1, torch.tensor([0, 5, -1, 9])
+    cases = [
+        (MaskedL1Loss(0.0), depth, target, 29, ((depth - target).abs() * (target != 0)).sum()),
+        (nn.CrossEntropyLoss(ignore_index=255), logits, labels, 28,
+         F.cross_entropy(logits, labels, ignore_index=255, reduction="sum")),
+        (nn.CrossEntropyLoss(weight=weight, ignore_index=255), logits, labels, None,
+         F.cross_entropy(logits, labels, weight=weight, ignore_index=255, reduction="sum")),
+        (NormalCosineLoss(), normals, normals_target, 28,
+         ((1 - (normals * normals_target).sum(1)) * (normals_target != 0).any(1)).sum()),
+        (MaskedBCEWithLogitsLoss(-1), attributes, known, int((known != -1).sum()),
+         (F.binary_cross_entropy_with_logits(attributes, known.clamp(min=0), reduction="none") * (known != -1)).sum()),
+        (nn.BCEWithLogitsLoss(), attributes, known.clamp(min=0), 15,
+         F.binary_cross_entropy_with_logits(attributes, known.clamp(min=0), reduction="sum")),
+        (LandmarkLoss("l1"), points, point_targets, 16, (points - point_targets).abs()[[0, 2]].sum()),
+        (ScalarL1Loss(), torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1, 3, 1]), 3, torch.tensor(4.0)),
+        (ArcFaceLoss(ignore_index=-1), cosines, identities, 2, None),  # labels 0 and 5 (9 is unseen, -1 ignored)
+    ]
+    for loss, pred, tgt, expected, total in cases:
+        count = float(mean_count(loss, pred, tgt))
+        if expected is not None:
+            assert count == expected, type(loss).__name__
+        if total is not None:
+            torch.testing.assert_close(loss(pred, tgt) * count, total.float(), msg=type(loss).__name__)

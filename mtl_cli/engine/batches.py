@@ -68,8 +68,8 @@ class Scores:
                 metric.update(prediction, target)
 
     def compute(self) -> dict:
-        """{"loss": {task: mean loss per sample, "total": sum}, "metrics": {task: {metric: value}}}, over the tasks
-        that had at least one labelled sample."""
+        """{"loss": {task: its loss's mean over all the split's terms (valid pixels, labelled samples), "total": the
+        sum}, "metrics": {task: {metric: value}}}, over the tasks that had at least one labelled sample."""
         names = list(self.tasks)
         totals = torch.tensor([[self.loss_sum[n], self.count[n], self.samples[n]] for n in names], dtype=torch.float64)
         if self.ranks is not None:

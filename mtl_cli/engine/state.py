@@ -18,6 +18,7 @@ from mtl_cli.build import build_model, build_optimizer, build_scheduler, build_t
 from mtl_cli.engine.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from mtl_cli.engine.distributed import Alone
 from mtl_cli.errors import RunFailed, UserError
+from mtl_cli.models.base import compile_parts
 from mtl_cli.runtime import config_from_checkpoint
 from mtl_cli.schema import check_config
 from mtl_cli.tasks import Task
@@ -105,6 +106,11 @@ def build_state(cfg: DictConfig, device: torch.device, ranks: Alone | None = Non
     if cfg.trainer.get("sync_batchnorm"):
         model = sync_batchnorm(model, device, ranks)
     model = model.to(device)
+    if cfg.trainer.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+        model.memory_format = torch.channels_last
+    if cfg.trainer.get("compile"):
+        compile_parts(model)
     weighting = build_weighting(cfg, tasks).to(device)
     weighting.ranks = ranks
     optimizer = build_optimizer(cfg, model, weighting)

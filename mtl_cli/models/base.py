@@ -46,12 +46,14 @@ class MultiTaskModel(nn.Module, ABC):
         gradients); `check_contract` refuses any other parameter of decode that two tasks reach."""
         return iter(())
 
+    memory_format = torch.contiguous_format  # trainer.channels_last sets torch.channels_last: the images follow
+
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.decode(self.encode(image), image.shape[-2:])
+        return self.decode(self.encode(image.contiguous(memory_format=self.memory_format)), image.shape[-2:])
 
     def forward_cut(self, image: torch.Tensor) -> tuple[dict[str, torch.Tensor], FeatureCut]:
         """The outputs, computed from the leaf copies of the trunk's features, and the cut (see FeatureCut)."""
-        cut = FeatureCut(self.encode(image))
+        cut = FeatureCut(self.encode(image.contiguous(memory_format=self.memory_format)))
         return self.decode(cut.leaves, image.shape[-2:]), cut
 
     def check_contract(self, size: int | None = None) -> None:
@@ -97,6 +99,14 @@ class MultiTaskModel(nn.Module, ABC):
                 return self.decode(features, (size, size))
         finally:
             self.train(was_training)
+
+
+def compile_parts(model: MultiTaskModel) -> None:
+    """trainer.compile: torch.compile every module of the trunk and of each task, in place (their state_dict keys
+    stay), leaving the feature cut between them eager."""
+    for modules in model.parts().values():
+        for module in modules:
+            module.compile()
 
 
 def reached_parameters(tensors) -> set[int]:
