@@ -83,7 +83,9 @@ def launch(job: Job, count: int):
 
 @contextlib.contextmanager
 def quiet(*names: str):
-    loggers = [logging.getLogger(name) for name in names]
+    """Only critical messages from these loggers and their children (which set levels of their own)."""
+    known = [name for name in logging.root.manager.loggerDict if name.startswith(names)]
+    loggers = [logging.getLogger(name) for name in {*names, *known}]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)

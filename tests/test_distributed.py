@@ -5,8 +5,10 @@ single-process scores; the CLI runs, resumes across world sizes and fails as one
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +155,25 @@ def test_torchrun_runs_the_same_recipe(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "run" / "metrics.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_run_of_two_processes_saves_the_step_and_resume_auto_goes_on(tmp_path):
+    args = [*CLI, "data.dataset.scenes={train:400,val:8,test:8}", "trainer.max_epochs=3", "trainer.devices=2",
+            "trainer.progress=plain", "hydra.run.dir=run", "resume=auto"]
+    mtl = Path(sys.executable).with_name("mtl")
+    started = subprocess.Popen([mtl, "train", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    for line in started.stdout:  # rank 0's progress lines: training is under way
+        if "epoch 1/3 step" in line:
+            break
+    started.send_signal(signal.SIGTERM)
+    _, err = started.communicate(timeout=300)
+    assert started.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().startswith("mtl train: stopped by SIGTERM:") and "resume=auto" in err
+    saved = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
+    assert saved["epoch"] == 0 and 0 < saved["batch"] < 50  # inside the first epoch
+    resumed = subprocess.run([mtl, "train", *args, "trainer.max_epochs=1"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at epoch 0, step {saved['step']}, batch {saved['batch']} of the epoch" in (tmp_path / "run/train.log").read_text()

@@ -22,7 +22,7 @@ from mtl_cli.models.base import compile_parts
 from mtl_cli.runtime import config_from_checkpoint
 from mtl_cli.schema import check_config
 from mtl_cli.tasks import Task
-from mtl_cli.weighting.base import Weighting
+from mtl_cli.weighting.base import GradientWeighting, Weighting
 
 log = logging.getLogger("mtl")
 
@@ -109,14 +109,28 @@ def build_state(cfg: DictConfig, device: torch.device, ranks: Alone | None = Non
     if cfg.trainer.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
         model.memory_format = torch.channels_last
-    if cfg.trainer.get("compile"):
-        compile_parts(model)
     weighting = build_weighting(cfg, tasks).to(device)
+    if cfg.trainer.get("compile"):
+        compile_parts(model, trunk=compiles_trunk(cfg, weighting))
     weighting.ranks = ranks
     optimizer = build_optimizer(cfg, model, weighting)
     scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16")
     return TrainState(cfg, model, tasks, weighting, optimizer, build_scheduler(cfg, optimizer), scaler,
                       writes=ranks.main)
+
+
+def compiles_trunk(cfg: DictConfig, weighting: Weighting) -> bool:
+    """Whether torch.compile may take the trunk: not where a step runs T backward passes through it (a gradient
+    method on grad_target=params, or trainer.log_grad_conflicts), which through one compiled graph gave wrong
+    gradients after the first (torch 2.14; tests/test_compile.py checks it): the heads are compiled, the trunk
+    stays eager, and the run says so."""
+    repeated = (isinstance(weighting, GradientWeighting) and weighting.grad_target == "params") or bool(
+        cfg.trainer.get("log_grad_conflicts"))
+    if repeated:
+        log.warning(f"trainer.compile: the trunk stays eager ({type(weighting).__name__} on grad_target=params, or "
+                    "trainer.log_grad_conflicts, runs one trunk backward per task, which torch.compile gets wrong "
+                    "after the first); the heads are compiled. grad_target=representation compiles both")
+    return not repeated
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device, ranks: Alone) -> nn.Module:

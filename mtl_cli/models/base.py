@@ -101,12 +101,16 @@ class MultiTaskModel(nn.Module, ABC):
             self.train(was_training)
 
 
-def compile_parts(model: MultiTaskModel) -> None:
-    """trainer.compile: torch.compile every module of the trunk and of each task, in place (their state_dict keys
-    stay), leaving the feature cut between them eager."""
-    for modules in model.parts().values():
-        for module in modules:
-            module.compile()
+def compile_parts(model: MultiTaskModel, trunk: bool = True) -> None:
+    """trainer.compile: torch.compile the modules of each task and, if `trunk`, of the trunk, in place (their
+    state_dict keys stay), leaving the feature cut between them eager."""
+    # Gradient methods run several backward passes over one graph (retain_graph); a compiled backward that donates
+    # its buffers allows only one, and torch's own message names this switch.
+    torch._functorch.config.donated_buffer = False
+    for part, modules in model.parts().items():
+        if part != "shared" or trunk:
+            for module in modules:
+                module.compile()
 
 
 def reached_parameters(tensors) -> set[int]:
