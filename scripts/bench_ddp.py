@@ -5,8 +5,9 @@ same global batch, per weighting method.
 
 One process runs the plain single-process step (no group); N processes are started by torch's launcher API
 (as `mtl train trainer.devices=N` does), each on its shard of every global batch, gloo on the CPU and NCCL on
-GPUs. Scaling efficiency = (steps/s on N) / (N x steps/s on 1): on the CPU the N processes share the machine's
-cores (each gets cores / N threads), so it measures what the ranks' combining costs against splitting the work.
+GPUs. "N vs 1" = (steps/s on N) / (steps/s on 1); with a device per process the scaling efficiency is that over N.
+On the CPU the N processes share the machine's cores (each gets cores / N threads): there the ideal is 1.0x, and
+the shortfall is what the ranks' combining and the smaller per-process batches cost.
 On a GPU machine run it with the GPU recipe, e.g.
 
     python scripts/bench_ddp.py --processes 2 backbone=resnet50 data.dataset.image_size=[288,384] \\
@@ -100,7 +101,8 @@ def main() -> None:
     cores = os.cpu_count() or 1
     gpu = torch.cuda.is_available()
     print(f"{args.processes} processes vs 1, same global batch; {'CUDA: ' + torch.cuda.get_device_name() if gpu else f'CPU, {cores} cores'}")
-    print(f"{'method':<10} {'1 process':>12} {f'{args.processes} processes':>14} {'efficiency':>11}")
+    print(f"{'method':<10} {'1 process':>12} {f'{args.processes} processes':>14} {f'{args.processes} vs 1':>8}"
+          f" {'efficiency':>11}")
     baseline = {}
     for method in args.methods.split(","):
         config = OmegaConf.to_yaml(compose_cfg([f"weighting={method}", *args.overrides]))
@@ -108,7 +110,7 @@ def main() -> None:
         one = steps_per_second(config, args.steps)
         many = on_processes(args.processes, config, args.steps, max(1, cores // args.processes))
         baseline.setdefault("ew", many)
-        print(f"{method:<10} {one:>9.2f}/s {many:>11.2f}/s {many / (args.processes * one):>10.0%}"
+        print(f"{method:<10} {one:>9.2f}/s {many:>11.2f}/s {many / one:>7.2f}x {many / (args.processes * one):>10.0%}"
               f"   step time vs ew on {args.processes}: {baseline['ew'] / many:.2f}x")
 
 
