@@ -34,7 +34,7 @@ def assert_same(a: dict, b: dict, tol: float) -> None:
                          ids=["ew", "pcgrad-representation"])
 def test_channels_last_trains_as_the_plain_layout(mtl_main, tmp_path, method):
     assert_same(final(mtl_main, tmp_path, "plain", *method),
-                final(mtl_main, tmp_path, "channels_last", *method, "trainer.channels_last=true"), 1e-4)
+                final(mtl_main, tmp_path, "channels_last", *method, "trainer.channels_last=true"), 1e-3)
 
 
 @pytest.mark.slow  # torch.compile on the CPU: minutes of inductor compiling
