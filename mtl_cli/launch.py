@@ -66,7 +66,7 @@ def launch(job: Job, count: int):
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=f"mtl-{os.getpid()}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
                           signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
-    log.info(f"starting {count} processes (torch.distributed.launcher), one per device")
+    log.info(f"starting {count} process{'es' if count > 1 else ''} (torch.distributed.launcher), one per device")
     try:
         with quiet("torch.distributed.elastic", "torch.multiprocessing"):  # a failure is told once, below
             results = elastic_launch(config, worker)(job)
