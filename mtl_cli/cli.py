@@ -18,6 +18,7 @@ from mtl_cli.guard import SWEEPS, Refused
 # Nothing heavy is imported before Hydra has read the command line: --help, --cfg and tab completion stay fast.
 COMMANDS = {"train": "train a multi-task model (the default config needs no download)",
             "eval": "score a checkpoint: mtl eval ckpt=<run dir>/checkpoints/best.pt",
+            "report": "compare runs and sweeps: mtl report multirun/... (mean, spread, delta_m, significance)",
             "completion": 'tab completion: eval "$(mtl completion bash)" (or zsh); mtl completion fish | source'}
 SHELL_COMPLETION = ("-sc", "--shell-completion")  # Hydra's flag; its installed scripts call `mtl -sc query=SHELL`
 HELP_FLAGS = {"-h", "--help", "--hydra-help"}
@@ -47,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         return complete(command, rest)
     if command not in COMMANDS:
         return fail("mtl", f"unknown command {command!r}{suggest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}")
+    if command == "report":  # argparse, not Hydra: it reads runs, it composes nothing
+        from mtl_cli.report.command import report
+
+        try:
+            return report(rest)
+        except UserError as e:
+            return fail("mtl report", str(e))
     flag_error = check_flags(rest)
     if flag_error:
         return fail(f"mtl {command}", f"{flag_error}; `mtl {command} --help` lists the flags and config groups")

@@ -1,8 +1,17 @@
-"""torchmetrics Metric classes for what no library metric covers, one file per family of tasks."""
+"""torchmetrics Metric classes for what no library metric covers, one file per family of tasks.
 
-from mtl_cli.metrics.dense import DepthMetrics, NormalMetrics, SegmentationMetrics
-from mtl_cli.metrics.detection import DetectionMAP
-from mtl_cli.metrics.faces import AttributeMetrics, IdentificationAccuracy, LandmarkNME, VerificationMetrics
+The classes are imported on first use (PEP 562), so that what needs only delta_m.py (mtl report) does not import
+torch."""
 
-__all__ = ["AttributeMetrics", "DepthMetrics", "DetectionMAP", "IdentificationAccuracy", "LandmarkNME",
-           "NormalMetrics", "SegmentationMetrics", "VerificationMetrics"]
+import importlib
+
+FAMILIES = {"DepthMetrics": "dense", "NormalMetrics": "dense", "SegmentationMetrics": "dense",
+            "DetectionMAP": "detection", "AttributeMetrics": "faces", "IdentificationAccuracy": "faces",
+            "LandmarkNME": "faces", "VerificationMetrics": "faces"}
+__all__ = sorted(FAMILIES)
+
+
+def __getattr__(name: str):
+    if name not in FAMILIES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{FAMILIES[name]}"), name)
