@@ -96,8 +96,8 @@ def group_key(run: Run, by: list[str] | None, common: frozenset[str] = frozenset
 
 
 def common_overrides(runs: list[Run]) -> frozenset[str]:
-    """The overrides every run was given (the sweep's fixed settings): they name no group."""
-    sets = [set(run.overrides) for run in runs if run.overrides]
+    """The overrides every finished run was given (the sweep's fixed settings): they name no group."""
+    sets = [set(run.overrides) for run in runs if run.overrides and run.status == "finished"]
     return frozenset(set.intersection(*sets)) if len(sets) > 1 else frozenset()
 
 

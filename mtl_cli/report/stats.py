@@ -87,9 +87,13 @@ def welch(a: list[float], b: list[float]) -> float:
     than two runs on a side or no spread at all."""
     if len(a) < 2 or len(b) < 2 or (statistics.stdev(a) == 0 and statistics.stdev(b) == 0):
         return math.nan
+    import warnings
+
     from scipy.stats import ttest_ind
 
-    return float(ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # "precision loss ... nearly identical": the p-value is then near 1 or NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def rank(groups: list[Group], ways: dict[str, dict[str, bool]]) -> list[Group]:
