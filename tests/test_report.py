@@ -141,3 +141,30 @@ def test_mtl_report_does_not_import_torch(sweep):
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(status)")
     done = subprocess.run([sys.executable, "-c", code, str(sweep)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_report_draws_what_the_runs_logged_over_time(mtl_main, tmp_path):
+    """A real sweep with TensorBoard events: validation curves, task weights and gradient conflicts per group; a
+    curve is the mean of the runs' logged values (read back here with tensorboard's own reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tiny = ["data.dataset.scenes={train:32,val:8,test:8}", "data.dataset.image_size=32", "data.batch_size=16",
+            "trainer.max_epochs=2", "trainer.progress=none", "logger.log_every=1", "logger.images=0"]
+    assert mtl_main("train", "-m", *tiny, "weighting=ew,pcgrad", "seed=0,1", "hydra.sweep.dir=sweep").status == 0
+    ran = mtl_main("report", "sweep")
+    assert ran.status == 0, ran
+    for name in ("val_curves.png", "weights.png", "conflicts.png", "metrics.png"):
+        assert (tmp_path / "sweep/report" / name).read_bytes()[:4] == b"\x89PNG", name
+    html = (tmp_path / "sweep/report/report.html").read_text()
+    assert html.count("<img ") == 4 and "<table>" in html and "weighting=pcgrad" in html
+    from mtl_cli.report.curves import band, scalars
+
+    runs = [tmp_path / "sweep" / str(job) for job in (0, 2)]  # weighting=ew, seeds 0 and 1
+    steps, mean, low, high = band([scalars(run)["val/loss/depth"] for run in runs])
+    by_hand = []
+    for run in runs:
+        events = EventAccumulator(str(run))
+        events.Reload()
+        by_hand.append([e.value for e in events.Scalars("val/loss/depth")])
+    assert list(steps) == [2, 4] and mean.tolist() == pytest.approx([sum(v) / 2 for v in zip(*by_hand)])
+    assert (low <= mean).all() and (mean <= high).all()

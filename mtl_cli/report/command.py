@@ -58,7 +58,9 @@ def report(argv: list[str]) -> int:
               for g in groups for i, run in enumerate(g.runs)}
     write.write_csv(out / "report.csv", runs, group_of, args.anchor, ways, deltas)
     pictures = write.plots(out, groups, ways)
-    print(f"wrote {out / 'report.md'}, {out / 'report.csv'}" + "".join(f", {p}" for p in pictures))
+    (out / "report.html").write_text(write.html(groups, ways, ref, title, notes, pictures))
+    print(f"wrote {out / 'report.html'}, {out / 'report.md'}, {out / 'report.csv'}"
+          + "".join(f", {p}" for p in pictures))
     return 0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from mtl_cli.report import curves
 from mtl_cli.report.runs import SEED_KEYS, Run
 from mtl_cli.report.stats import CONVENTIONS, SIGNIFICANCE, Group, welch
 
@@ -120,7 +121,30 @@ def plots(folder: Path, groups: list[Group], ways: dict) -> list[Path]:
         fig.savefig(folder / "metrics.png", dpi=120)
         plt.close(fig)
         written.append(folder / "metrics.png")
-    return written
+    logged = curves.curves(groups)
+    made = [curves.plot_curves(folder, logged, "val/loss/", "validation loss per group (line: mean; band: lowest "
+                               "to highest run)", "val_curves.png"),
+            curves.plot_curves(folder, logged, "train/weight/", "task weights over training (line: mean; band: lowest to highest run)",
+                               "weights.png"),
+            curves.plot_conflicts(folder, logged)]
+    return written + [m for m in made if m is not None]
+
+
+def html(groups: list[Group], ways: dict, ref: Group | None, title: str, notes: list[str],
+         pictures: list[Path]) -> str:
+    """One static page: the table, the notes, every plot (beside it in the same folder)."""
+    from html import escape
+
+    head = "".join(f"<th>{escape(h)}</th>" for h in ["metric", *headers(groups)])
+    body = "".join("<tr><td>" + escape(label) + "</td>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>"
+                   for label, cells in rows(groups, ways, ref))
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse} "
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right} td:first-child{text-align:left} "
+             "img{max-width:100%;margin:1em 0;display:block}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{style}</style>"
+            f"</head><body><h1>{escape(title)}</h1><table><tr>{head}</tr>{body}</table>"
+            + "".join(f"<p>{escape(n)}</p>" for n in notes)
+            + "".join(f"<img src='{escape(p.name)}' alt='{escape(p.stem)}'>" for p in pictures) + "</body></html>\n")
 
 
 def bars(ax, groups: list[Group], key: tuple[str, str]) -> None:
