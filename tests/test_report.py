@@ -150,7 +150,8 @@ def test_report_draws_what_the_runs_logged_over_time(mtl_main, tmp_path):
 
     tiny = ["data.dataset.scenes={train:32,val:8,test:8}", "data.dataset.image_size=32", "data.batch_size=16",
             "trainer.max_epochs=2", "trainer.progress=none", "logger.log_every=1", "logger.images=0"]
-    assert mtl_main("train", "-m", *tiny, "weighting=ew,pcgrad", "seed=0,1", "hydra.sweep.dir=sweep").status == 0
+    assert mtl_main("train", "-m", *tiny, "weighting=ew", "seed=0,1", "hydra.sweep.dir=sweep/ew").status == 0
+    assert mtl_main("train", *tiny, "weighting=pcgrad", "hydra.run.dir=sweep/pcgrad").status == 0
     ran = mtl_main("report", "sweep")
     assert ran.status == 0, ran
     for name in ("val_curves.png", "weights.png", "conflicts.png", "metrics.png"):
@@ -159,7 +160,7 @@ def test_report_draws_what_the_runs_logged_over_time(mtl_main, tmp_path):
     assert html.count("<img ") == 4 and "<table>" in html and "weighting=pcgrad" in html
     from mtl_cli.report.curves import band, scalars
 
-    runs = [tmp_path / "sweep" / str(job) for job in (0, 2)]  # weighting=ew, seeds 0 and 1
+    runs = [tmp_path / "sweep/ew" / str(job) for job in (0, 1)]  # weighting=ew, seeds 0 and 1
     steps, mean, low, high = band([scalars(run)["val/loss/depth"] for run in runs])
     by_hand = []
     for run in runs:
