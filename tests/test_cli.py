@@ -120,6 +120,7 @@ def test_checkpoints_load_safely_and_hold_the_resolved_config(trained):
     assert "_target_: mtl_cli.models.hps.HardSharing" in state["config"]
 
 
+@pytest.mark.slow  # the sweep path runs by default in test_weighting_cli and test_sweep_failures
 def test_sweep_makes_one_run_dir_each_with_its_own_events(mtl_main, tmp_path):
     ok(mtl_main("train", "-m", "weighting=ew,uw", "seed=0,1", *TINY, "trainer.max_epochs=1"))  # in tmp_path
     dirs = run_dirs(tmp_path / "multirun")
