@@ -91,6 +91,7 @@ MALFORMED = [  # (purpose, the edit, what the message must say)
     *[(purpose, put("config", "- data\n- seed\n"), ["its config is not a mapping", "it is a list"])
       for purpose in COMMANDS],
     ("eval", put("epoch", "3"), ["its epoch (the count of epochs done) is of type str, expected int"]),
+    ("resume", put("rng", {"python": [3]}), ["random generator states are malformed", "resume from another"]),
     *[(purpose, drop("format"), ["was not written by mtl train"]) for purpose in COMMANDS],
 ]
 IDS = [f"{purpose}-{words[0].split(' (')[0].replace(' ', '-')}" for purpose, _, words in MALFORMED]

@@ -134,15 +134,23 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: dict[str, Any], source: str = "the checkpoint") -> None:
+    """Every generator as `rng_state` saved it; a checkpoint from a machine with more GPUs restores the devices this
+    one has. `source` names the checkpoint in the error a malformed state gets."""
+    try:
+        python = state["python"]
+        random.setstate((python[0], tuple(python[1]), python[2]))
+        np_state = state["numpy"]
+        np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                             np_state["has_gauss"], np_state["cached_gaussian"]))
+        torch.set_rng_state(state["torch"])
+        cuda = list(state["cuda"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        raise UserError(f"{source}: the random generator states are malformed ({type(e).__name__}: "
+                        f"{str(e)[:120]}): it was not written by mtl train, or was damaged; resume from another "
+                        "checkpoint") from None
+    if torch.cuda.is_available() and cuda:
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
 
 
 class CheckpointSchedule:

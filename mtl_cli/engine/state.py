@@ -90,7 +90,7 @@ class TrainState:
             self.scheduler = replayed_scheduler(self.cfg, self.optimizer, checkpoint["epoch"])
         for key in COUNTERS:  # checkpoints of earlier versions lack `batch` and `skipped_steps`
             setattr(self, key, checkpoint.get(key, 0 if key in ("batch", "skipped_steps") else None))
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"], str(self.cfg.get("resume") or "the checkpoint"))
 
 
 class NonFinite(RunFailed):
