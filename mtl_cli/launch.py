@@ -61,11 +61,9 @@ def distributed(job: Job, count: int):
 def launch(job: Job, count: int):
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=f"mtl-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
-                          signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    config = on_this_machine(count, f"mtl-{os.getpid()}")
     log.info(f"starting {count} process{'es' if count > 1 else ''} (torch.distributed.launcher), one per device")
     try:
         with quiet("torch.distributed.elastic", "torch.multiprocessing"):  # a failure is told once, below
@@ -79,6 +77,16 @@ def launch(job: Job, count: int):
         message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
         raise reraised(rank, str(message), failure.exitcode) from None
     return results[0]
+
+
+def on_this_machine(count: int, run_id: str):
+    """torch's launcher config for `count` processes on this machine (torchrun --standalone), no restarts, the
+    scheduler's signals passed on to them."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=run_id, rdzv_backend="c10d",
+                        rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
+                        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
 
 
 @contextlib.contextmanager

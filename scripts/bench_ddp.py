@@ -31,6 +31,7 @@ from mtl_cli.engine import distributed
 from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.run import Run
 from mtl_cli.engine.state import build_state
+from mtl_cli.launch import on_this_machine
 from mtl_cli.paths import config_dir
 from mtl_cli.runtime import pick_device, seed_everything
 from mtl_cli.train import train_step
@@ -79,10 +80,9 @@ def rank(config: str, steps: int, threads: int) -> float:
 
 
 def on_processes(count: int, config: str, steps: int, threads: int) -> float:
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id="bench", rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn")
+    launch = on_this_machine(count, "bench")
     return elastic_launch(launch, rank)(config, steps, threads)[0]
 
 

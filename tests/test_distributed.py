@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+from torch.distributed.launcher.api import elastic_launch
 
 import ranks_worker
 from test_configs import compose_cfg
+
+from mtl_cli.launch import on_this_machine
 
 SIZE = ["data.dataset.scenes={train:40,val:9,test:8}", "data.dataset.image_size=32", "data.batch_size=8",
         "backbone.widths=[8,16,16,16]", "optimizer=sgd"]
@@ -39,8 +41,7 @@ def config(weighting: str, target: str) -> str:
 
 def on_two_ranks(jobs: list[tuple[str, str]]) -> list[dict]:
     """`jobs` run by two processes that torch's launcher starts; rank 0's results."""
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id="test", rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn")
+    launch = on_this_machine(2, "test")
     return elastic_launch(launch, ranks_worker.rank_main)(jobs)[0]
 
 

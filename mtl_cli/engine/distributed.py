@@ -19,7 +19,6 @@ A single process gets `Alone`, whose points hand their input back: one process p
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -166,7 +165,3 @@ def zero_loss(output) -> torch.Tensor:
 def ranks() -> Alone:
     """The group this process belongs to, or Alone."""
     return Group() if dist.is_available() and dist.is_initialized() else Alone()
-
-
-def shard_sizes(total: int, world: int) -> list[int]:
-    return [math.ceil((total - r) / world) for r in range(world)]

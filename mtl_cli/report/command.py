@@ -52,10 +52,12 @@ def report(argv: list[str]) -> int:
     (out / "report.md").write_text(write.markdown(groups, ways, ref, title, notes))
     common = common_overrides(runs)
     group_of = {run.path: group_key(run, args.by, common) for run in runs}
-    deltas = {run.path: {f"delta_m/{c}": values[i] for c in stats.CONVENTIONS
-                         for key, values in [(("all", f"delta_m/{c}"), g.values.get(("all", f"delta_m/{c}"), []))]
-                         if len(values) == len(g.runs)}
-              for g in groups for i, run in enumerate(g.runs)}
+    deltas: dict = {}  # run -> its delta_m in each convention, where its group has one for every run
+    for g in groups:
+        for convention in stats.CONVENTIONS:
+            values = g.values.get(("all", f"delta_m/{convention}"), [])
+            for run, value in zip(g.runs, values) if len(values) == len(g.runs) else ():
+                deltas.setdefault(run.path, {})[f"delta_m/{convention}"] = value
     write.write_csv(out / "report.csv", runs, group_of, args.anchor, ways, deltas)
     pictures = write.plots(out, groups, ways)
     (out / "report.html").write_text(write.html(groups, ways, ref, title, notes, pictures))
