@@ -15,6 +15,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from mtl_cli.data.checks import CheckedSamples, label_ranges
 from mtl_cli.data.collate import collate
 from mtl_cli.data.files import SkipBad
+from mtl_cli.data.folds import Folds
 from mtl_cli.data.seeding import SeededBatches, SeededSamples, ShardedBatches
 from mtl_cli.engine.signals import ignore_stop_requests
 from mtl_cli.data.transforms import compose, split_transforms
@@ -114,28 +115,41 @@ def build_delta(cfg: DictConfig, tasks: dict[str, Task]) -> DeltaM | None:
 
 def build_dataset(cfg: DictConfig, split: str) -> Dataset:
     """The dataset of `split`, with the joint transforms declared for that split (`data.transforms.<split>`); each
-    sample is checked as it is read against the tasks' class counts (data/checks.py)."""
-    dataset = build_multi(cfg, split) if cfg.data.get("members") is not None else build_one(cfg.data, split)
+    sample is checked as it is read against the tasks' class counts (data/checks.py). With `data.folds`, train and
+    val are parts of the train split (data/folds.py); with data=multi each member's train split is folded."""
+    folds = Folds.of(cfg.data)
+    if cfg.data.get("members") is not None:
+        dataset = build_multi(cfg, split, folds)
+    else:
+        dataset = build_one(cfg.data, split, folds=folds)
     return CheckedSamples(dataset, split, label_ranges(cfg))
 
 
-def build_one(data: DictConfig, split: str, where: str = "data") -> Dataset:
+def build_one(data: DictConfig, split: str, where: str = "data", folds: Folds | None = None) -> Dataset:
     if OmegaConf.is_missing(data, "root"):
         raise UserError(f"{where}.root is not set: give the folder that holds the {data.get('name', '?')} data, e.g. "
                         f"{where}.root=/data/{data.get('name', 'dataset')} (the README's Datasets section shows "
                         "each layout)")
-    kwargs = {"split": split}
-    if data.get("transforms"):
+    kwargs = {"split": folds.source(split) if folds else split}
+    if data.get("transforms"):  # those of `split`: the held-out fold takes val's
         declared = split_transforms(data.transforms, split)
         kwargs["transforms"] = compose(instantiate(declared, f"{where}.transforms.{split}"))
     dataset = call(instantiate(data.dataset, f"{where}.dataset"), f"{where}.dataset", **kwargs)
-    return SkipBad(dataset) if data.get("skip_bad") else dataset
+    dataset = SkipBad(dataset) if data.get("skip_bad") else dataset
+    if folds is None:
+        return dataset
+    return folds.select(dataset, split, "the train split" + ("" if where == "data" else f" of {where}"))
 
 
-def build_multi(cfg: DictConfig, split: str) -> Dataset:
-    """`data: multi`: one dataset per member, each giving the targets of the tasks assigned to it."""
+def build_multi(cfg: DictConfig, split: str, folds: Folds | None = None) -> Dataset:
+    """`data: multi`: one dataset per member, each giving the targets of the tasks assigned to it. `folds` (the
+    top-level data.folds) folds each member's train split on its own."""
     views = {name: member_view(cfg, name).data for name in cfg.data.members}
-    members = {name: build_one(view, split, f"data.members.{name}") for name, view in views.items()}
+    for name, view in views.items():
+        if view.get("folds") is not None:
+            raise UserError(f"data.members.{name}.folds={view.folds}: with data=multi, data.folds folds every member "
+                            f"(each on its own); set data.folds={view.folds} data.fold=... instead")
+    members = {name: build_one(view, split, f"data.members.{name}", folds) for name, view in views.items()}
     keys = {name: target_keys(views[name].targets, tasks) for name, tasks in cfg.data.tasks.items()}
     return call(instantiate(cfg.data.dataset, "data.dataset"), "data.dataset", members=members, keys=keys)
 

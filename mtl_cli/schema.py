@@ -92,10 +92,16 @@ RULES: dict[str, Number | Choice | Flag] = {
     "data.num_workers": Number(least=0),
     "data.dataset.image_size": COUNT,
     "data.dataset.scenes.*": COUNT,
+    "data.folds": Number(least=2, nullable=True),
+    "data.fold": Number(least=0),
+    "data.fold_seed": Number(least=0),
     "data.members.*.batch_size": COUNT,
     "data.members.*.num_workers": Number(least=0),
     "logger.log_every": COUNT,
     "logger.images": Number(least=0),
+    "logger.sinks.mlflow.checkpoints": Flag(),
+    "logger.sinks.wandb.mode": Choice(("offline", "online", "disabled")),
+    "logger.sinks.wandb.images": Flag(),
     "delta_m_average": Choice(("metrics", "tasks")),
 }
 
@@ -107,6 +113,19 @@ def check_config(cfg: DictConfig) -> None:
             wanted = rule.problem(value)
             if wanted is not None:
                 raise UserError(f"{key}={value!r} is not valid: expected {wanted}")
+    check_folds(cfg)
+
+
+def check_folds(cfg: DictConfig) -> None:
+    """data.fold names one of the data.folds folds (data/folds.py); without data.folds there is no fold to pick."""
+    folds, fold = select(cfg, "data.folds"), select(cfg, "data.fold")
+    if folds is _ABSENT or fold is _ABSENT:
+        return
+    if folds is None and fold:
+        raise UserError(f"data.fold={fold} picks a fold of k-fold cross-validation, which data.folds=null turns off: "
+                        f"give the number of folds too, e.g. data.folds={max(5, fold + 1)}")
+    if folds is not None and fold >= folds:
+        raise UserError(f"data.fold={fold} is out of range for data.folds={folds}: use 0..{folds - 1}")
 
 
 def values(cfg: DictConfig, pattern: str) -> list[tuple[str, object]]:
