@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"mtl {command}", *rest]
     entry = getattr(commands, f"{command}_command")
     SWEEPS.clear()
+    if {"-m", "--multirun"}.intersection(rest):
+        from hydra_plugins.mtl_cli_plugins import register
+
+        register()  # hydra/sweeper=study, hydra/launcher=slurm
     try:
         if launch.under_torchrun() and not HELP_FLAGS.intersection(rest):
             if os.environ["RANK"] != "0":  # torchrun's other ranks run what rank 0 sends (launch.py)

@@ -102,6 +102,9 @@ def user_message(e: Exception, command: str, overrides: list[str]) -> str | None
 
     if isinstance(e, UserError):
         return str(e)
+    plugin = missing_plugin(e)
+    if plugin is not None:
+        return plugin
     if isinstance(e, MissingConfigException):
         match = re.search(r"'([\w/]+)/([\w.\-]+)'", str(e))
         if match:
@@ -134,6 +137,24 @@ def user_message(e: Exception, command: str, overrides: list[str]) -> str | None
     if isinstance(e, InterpolationResolutionError):
         return f"a config value cannot be resolved: {str(e).splitlines()[0]}"
     return None
+
+
+SWEEP_PLUGINS = {  # what the [sweep] extra brings: the names Hydra reports when one of them is not installed
+    "optuna": "Hydra's Optuna sweeper", "mtl_cli_plugins.study_sweeper": "Hydra's Optuna sweeper",
+    "joblib": "Hydra's joblib launcher", "submitit": "Hydra's submitit launcher",
+    "mtl_cli_plugins.slurm_launcher": "Hydra's submitit launcher"}
+
+
+def missing_plugin(e: Exception) -> str | None:
+    """A sweeper or launcher preset used without its plugin: Hydra says "Unknown plugin class" (our presets'
+    classes are defined only when their plugin is there) or cannot find the plugin's config (hydra/launcher=joblib)."""
+    text = str(e)
+    if not re.search(r"Unknown plugin class|Could not find 'hydra/(sweeper|launcher)/|Could not load 'hydra/", text):
+        return None
+    plugin = next((name for key, name in SWEEP_PLUGINS.items() if key in text), None)
+    if plugin is None:
+        return None
+    return f'this sweep needs {plugin}, which is not installed: pip install "mtl-cli[sweep]"'
 
 
 def config_file_being_read(e: BaseException) -> str | None:

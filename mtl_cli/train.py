@@ -15,7 +15,7 @@ from mtl_cli.engine import distributed
 from mtl_cli.engine.batches import evaluate, flatten, limited, to_device
 from mtl_cli.engine.checkpoint import CheckpointSchedule
 from mtl_cli.engine.logger import Logger
-from mtl_cli.engine.monitor import Monitor
+from mtl_cli.engine.monitor import Monitor, Objectives
 from mtl_cli.engine.nonfinite import NonFinitePolicy, gradient_norm
 from mtl_cli.engine.progress import EpochProgress
 from mtl_cli.engine.run import Run
@@ -28,18 +28,18 @@ from mtl_cli.schema import check_config
 log = logging.getLogger("mtl")
 
 
-def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> float | None:
-    """Trains `cfg` (from `checkpoint` when resuming) into `run_dir`; returns the best monitored value (what a
-    Hydra sweeper such as Optuna optimises)."""
+def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> float | list[float]:
+    """Trains `cfg` (from `checkpoint` when resuming) into `run_dir`; returns what a Hydra sweeper such as Optuna
+    optimises: the best monitored value, or the `objectives` at the best epoch (engine/monitor.py)."""
     run = prepare(cfg, run_dir, checkpoint)
     state, started = run.state, time.perf_counter()
-    with run.stops:
-        while not finished(state):
-            train_epoch(run)
-            end_epoch(run)
-    run.logger.close()
-    run.report(time.perf_counter() - started)
-    return state.best
+    with run.logger:  # closes the sinks with the run's outcome, after metrics.json (an artifact to some)
+        with run.stops:
+            while not finished(state):
+                train_epoch(run)
+                end_epoch(run)
+        run.report(time.perf_counter() - started)
+    return run.objectives.values(state.best, state.best_results)
 
 
 def prepare(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> Run:
@@ -67,10 +67,12 @@ def prepare(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> Run:
                  + (f", batch {state.batch} of the epoch" if state.batch else ""))
     delta = build_delta(cfg, state.tasks)
     monitor = Monitor(cfg.trainer.monitor, cfg.trainer.monitor_mode, state.tasks, delta is not None)
-    logger = open_run_dir(cfg, run_dir, state, train_set, device) if ranks.main else Logger(run_dir, tensorboard=False)
+    objectives = Objectives(cfg.get("objectives"), monitor, state.tasks, delta is not None)
+    logger = open_run_dir(cfg, run_dir, state, train_set, device) if ranks.main else Logger(
+        run_dir, log_every=cfg.logger.log_every)  # no sinks; the same logged steps as rank 0
     saves = CheckpointSchedule(cfg.trainer.get("checkpoint_every_n_steps"), cfg.trainer.get("checkpoint_every_minutes"))
     val_loader = build_loader(cfg, build_dataset(cfg, cfg.data.split), pin=pin, shard=shard)
-    return Run(state, device, logger, run_dir, train_loader, val_loader, monitor, delta, saves, ranks=ranks,
+    return Run(state, device, logger, run_dir, train_loader, val_loader, monitor, delta, saves, objectives, ranks=ranks,
                progress=EpochProgress(cfg.trainer.progress if ranks.main else "none"),
                nonfinite=NonFinitePolicy(cfg.trainer.nonfinite, cfg.trainer.nonfinite_patience))
 
@@ -79,7 +81,8 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, state: TrainState, train_set, d
     """The run dir's resolved config, and the configured logger with the config and the model summary."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    logger: Logger = call(instantiate(cfg.logger, "logger"), "logger", run_dir=run_dir)
+    logger: Logger = call(instantiate(cfg.logger, "logger"), "logger", run_dir=run_dir,
+                          config=OmegaConf.to_container(cfg, resolve=True))
     logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
     log.info(f"run dir: {run_dir}\ndevice: {device}, tasks: {', '.join(state.tasks)}, weighting: "
              f"{type(state.weighting).__name__}")

@@ -62,9 +62,11 @@ def test_help_lists_commands_and_every_config_group(mtl_main):
     assert all(c in ok(mtl_main("--help")).out for c in ("train", "eval"))
     text = ok(mtl_main("train", "--help")).out
     groups = sorted(p.name for p in (Path(__file__).parents[1] / "configs").iterdir() if p.is_dir())
-    for group in groups:
+    for group in (g for g in groups if g != "hydra"):  # configs/hydra/ adds options to Hydra's own groups
         assert f"{group}:" in text, group
     assert "resnet18" in text and "uw" in text
+    hydra_help = ok(mtl_main("train", "--hydra-help")).out  # Hydra's groups, with the options of configs/hydra/
+    assert "parallel" in hydra_help and "slurm" in hydra_help and "study" in hydra_help
 
 
 def test_run_dir_layout(trained):

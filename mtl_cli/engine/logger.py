@@ -1,40 +1,57 @@
-"""Scalars, text and images to TensorBoard (a SummaryWriter in the run directory)."""
+"""The run's logger: each scalar, text and image batch goes to every sink the `logger` config group selected
+(logger=tensorboard, logger=[tensorboard,mlflow]; engine/sinks/). The console and the log file are Hydra's and
+always on; logger=console selects no other sink."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
+from mtl_cli.engine.sinks.base import Sink
+from mtl_cli.errors import Stopped
+
 
 class Logger:
-    """Writes TensorBoard events into the run directory when `tensorboard` is on; a no-op otherwise.
+    """Opens the sinks in the run directory and hands each call to all of them; close() (or leaving a `with`
+    block) closes them with the run's outcome.
 
-    log_every: the training loop logs its scalars every this many steps. images: how many validation images
-    to show per task at each validation.
+    sinks: name -> a sink class called with the run directory and the resolved config (a `_partial_` of the
+    config). log_every: the training loop logs its scalars every this many steps. images: how many validation
+    images to show per task at each validation, where a sink shows images. tensorboard: the switch of configs saved
+    before the sinks (a checkpoint of an earlier run, resumed).
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, log_every: int = 20, images: int = 4):
-        self.log_every, self.num_images = max(1, int(log_every)), int(images)
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
+    def __init__(self, run_dir: str | Path, sinks: Mapping[str, Callable[..., Sink]] | None = None,
+                 config: Mapping | None = None, log_every: int = 20, images: int = 4, tensorboard: bool = False):
+        if tensorboard and not sinks:
+            from mtl_cli.engine.sinks.tensorboard import TensorBoardSink
 
-            self.writer = SummaryWriter(log_dir=str(run_dir))
+            sinks = {"tensorboard": TensorBoardSink}
+        self.log_every = max(1, int(log_every))
+        self.sinks: dict[str, Sink] = {}
+        try:
+            for name, build in (sinks or {}).items():
+                self.sinks[name] = build(run_dir=Path(run_dir), config=dict(config or {}))
+        except BaseException:  # one sink cannot start (its package, its server): the others opened are closed
+            self.close("failed")
+            raise
+        self.num_images = int(images) if any(sink.shows_images for sink in self.sinks.values()) else 0
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
-        if self.writer is not None:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
+        for sink in self.sinks.values():
+            sink.scalars(values, step)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, text, step)
+        for sink in self.sinks.values():
+            sink.text(tag, text, step)
 
     def images(self, tag: str, images: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_images(tag, images.clamp(0, 1).cpu(), step)
+        images = images.clamp(0, 1).cpu()
+        for sink in self.sinks.values():
+            if sink.shows_images:
+                sink.images(tag, images, step)
 
     def validation(self, tasks, results: dict, step: int) -> None:
         """Validation scalars, and example predictions next to their targets as images."""
@@ -50,6 +67,21 @@ class Logger:
                 pair = [task.visualize(examples["targets"][name]), task.visualize(examples["outputs"][name])]
                 self.images(f"images/{name} (target | prediction)", torch.cat(pair, dim=-1), step)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, status: str = "finished") -> None:
+        """status: finished, failed, or killed (a stop request or Ctrl-C: the run can go on from last.pt)."""
+        sinks, self.sinks = list(self.sinks.values()), {}
+        errors = []
+        for sink in sinks:  # each one, even after another failed to close
+            try:
+                sink.close(status)
+            except Exception as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Logger:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close("finished" if kind is None else "killed" if issubclass(kind, (Stopped, KeyboardInterrupt))
+                   else "failed")

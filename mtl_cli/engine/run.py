@@ -16,7 +16,7 @@ from mtl_cli.engine.checkpoint import CheckpointSchedule
 from mtl_cli.engine.distributed import Alone
 from mtl_cli.engine.logger import Logger
 from mtl_cli.engine.meter import StepMeter
-from mtl_cli.engine.monitor import Monitor
+from mtl_cli.engine.monitor import Monitor, Objectives
 from mtl_cli.engine.nonfinite import NonFinitePolicy
 from mtl_cli.engine.progress import EpochProgress
 from mtl_cli.engine.records import train_record, write_record
@@ -40,6 +40,7 @@ class Run:
     monitor: Monitor | None = None
     delta: DeltaM | None = None
     saves: CheckpointSchedule = field(default_factory=lambda: CheckpointSchedule(None, None))
+    objectives: Objectives | None = None  # what train() returns to a sweeper
     stops: StopRequests = field(default_factory=StopRequests)
     progress: EpochProgress = field(default_factory=lambda: EpochProgress("none"))
     meter: StepMeter = field(default_factory=StepMeter)

@@ -1,12 +1,14 @@
-"""SIGTERM and SIGUSR1, what Slurm and most schedulers send before preemption or at the time limit: the run
-finishes its current step, writes last.pt and exits (see train.py); `resume=auto` continues it."""
+"""SIGTERM and SIGUSR1, what Slurm and most schedulers send before preemption or at the time limit, and SIGUSR2,
+what submitit (hydra/launcher=slurm) has Slurm send: the run finishes its current step, writes last.pt and exits
+(see train.py); `resume=auto` continues it. A handler that was there before (submitit's, which requeues the job)
+is called after the run has saved, so the requeued job finds the checkpoint."""
 
 from __future__ import annotations
 
 import signal
 import threading
 
-REQUESTS = ("SIGTERM", "SIGUSR1")
+REQUESTS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
 
 class StopRequests:
@@ -33,7 +35,10 @@ class StopRequests:
     def __exit__(self, *exc) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+        handed_on = self.previous.get(self.received)
         self.previous.clear()
+        if callable(handed_on):  # Python's own SIG_DFL and SIG_IGN are not callables
+            handed_on(self.received, None)
 
 
 def ignore_stop_requests(worker_id: int) -> None:

@@ -1,0 +1,227 @@
+"""Sweeps through Hydra's plugins (the [sweep] extra): an Optuna study that persists in SQLite and continues after an
+interruption, conditional and multi-objective searches, parallel jobs with joblib, Slurm jobs with submitit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_RUN
+
+import mtl_cli.sweeper  # noqa: F401,I001 -- before optuna: it quiets SQLAlchemy 1.4's warnings about 2.0
+import mtl_cli.train as train_module
+import optuna
+from optuna.trial import TrialState
+
+STUDY = ["hydra.sweep.dir=sweep", "hydra.sweeper.n_jobs=1"]
+
+
+def load(tmp_path: Path, name: str = "digit_scenes") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'sweep' / 'study.db'}")
+
+
+def job_overrides(tmp_path: Path) -> dict[int, dict[str, str]]:
+    jobs = {}
+    for path in (tmp_path / "sweep").glob("*/.hydra/overrides.yaml"):
+        jobs[int(path.parts[-3])] = dict(o.split("=", 1) for o in yaml.safe_load(path.read_text()))
+    return jobs
+
+
+def fake_training(monkeypatch, objective, calls: list | None = None):
+    """train() replaced by `objective(cfg)`: the sweeper's logic without the cost of training."""
+    def train(cfg, run_dir, checkpoint=None):
+        if calls is not None:
+            calls.append(cfg)
+        return objective(cfg)
+    monkeypatch.setattr(train_module, "train", train)
+
+
+def test_a_study_of_real_runs_persists_and_continues_after_an_interruption(mtl_main, tmp_path, monkeypatch):
+    args = ["-m", "hparams_search=lr_wd", "hydra.sweeper.n_trials=2", *TINY_RUN, *STUDY]
+    real_train, started = train_module.train, []
+
+    def killed_in_the_second_trial(cfg, run_dir, checkpoint=None):
+        started.append(run_dir)
+        if len(started) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C or a kill leaves: the trial never reported back
+        return real_train(cfg, run_dir, checkpoint)
+    monkeypatch.setattr(train_module, "train", killed_in_the_second_trial)
+    assert mtl_main("train", *args).status == 130
+    interrupted = [t for t in load(tmp_path).trials if t.state == TrialState.RUNNING]
+    assert len(interrupted) == 1 and len(load(tmp_path).trials) == 2
+
+    monkeypatch.setattr(train_module, "train", real_train)
+    r = mtl_main("train", *args)
+    assert r.status == 0, r
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.user_attrs.get("interrupted") for t in trials] == [None, True, None]
+    assert trials[2].params == trials[1].params  # asked again with the interrupted trial's parameters
+    jobs = job_overrides(tmp_path)
+    assert sorted(jobs) == [0, 1, 2]  # new directories for the new trials, none over the old ones
+    for trial in trials:
+        assert float(jobs[trial.number]["optimizer.lr"]) == pytest.approx(trial.params["optimizer.lr"])
+    for trial in (trials[0], trials[2]):  # each value is the run's best val/loss/total
+        record = json.loads((tmp_path / "sweep" / str(trial.number) / "metrics.json").read_text())
+        assert trial.value == pytest.approx(record["best"]["loss"]["total"])
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(min(t.value for t in trials if t.value is not None))
+
+    again = mtl_main("train", *args)  # the study has its 2 trials: nothing more runs
+    assert again.status == 0 and len(load(tmp_path).trials) == 3, again
+
+
+def test_a_method_hyperparameter_is_searched_only_in_the_trials_of_its_method(mtl_main, tmp_path, monkeypatch):
+    calls = []
+    fake_training(monkeypatch, lambda cfg: (math.log10(cfg.optimizer.lr) + 2.5) ** 2, calls)
+    r = mtl_main("train", "-m", "hparams_search=weighting", "hydra.sweeper.n_trials=6",
+                 "hydra.sweeper.sampler.n_startup_trials=6", "hydra.sweeper.params.weighting='choice(ew,cagrad,dwa)'",
+                 *STUDY)
+    assert r.status == 0, r
+    trials = load(tmp_path).trials
+    methods = {t.params["weighting"] for t in trials}
+    assert methods == {"ew", "cagrad", "dwa"}
+    for trial in trials:
+        own = {"cagrad": {"weighting.c"}, "dwa": {"weighting.temperature"}}.get(trial.params["weighting"], set())
+        assert set(trial.params) == {"weighting", "optimizer.lr", *own}
+    for cfg in calls:  # the jobs trained what Optuna recorded
+        name = cfg.weighting._target_.rsplit(".", 1)[1]
+        if name == "CAGrad":
+            assert 0.1 <= cfg.weighting.c <= 0.9 and cfg.weighting.c != 0.4
+        if name == "DynamicWeightAverage":
+            assert 1.0 <= cfg.weighting.temperature <= 5.0
+
+
+def test_a_multi_objective_study_finds_a_pareto_front_with_directions_from_the_metrics(mtl_main, tmp_path,
+                                                                                          monkeypatch):
+    def two_tasks(cfg):  # a trade-off: more weight on depth helps depth and hurts segmentation
+        w = math.log(cfg.weighting.weights.depth)
+        return [0.5 - 0.1 * w, 1.0 - 0.2 * w]
+    fake_training(monkeypatch, two_tasks)
+    r = mtl_main("train", "-m", "hparams_search=pareto", "hydra.sweeper.n_trials=6", *STUDY)
+    assert r.status == 0, r
+    study = load(tmp_path)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]  # miou up, abs_err down: auto
+    front = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())["solutions"]
+    assert len(front) == 6  # every point of a pure trade-off is Pareto-optimal
+
+
+@pytest.mark.parametrize("override, message", [
+    ("hydra.sweeper.direction=maximize", "hydra.sweeper.direction says maximize for val/loss/total, whose better "
+                                         "values are lower: use minimize, or auto"),
+    ("objectives=[val/segmentation/mIoU]", "objectives=['val/segmentation/mIoU']: val/segmentation/mIoU is not "
+                                           "logged by this run; choose from:"),
+])
+def test_a_study_that_would_search_the_wrong_way_is_refused_before_any_trial(mtl_main, tmp_path, override,
+                                                                             message):
+    r = mtl_main("train", "-m", "hparams_search=lr_wd", override, *STUDY)
+    assert r.status == 2 and message in r.err, r
+    assert not list((tmp_path / "sweep").glob("*/.hydra"))
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(mtl_main, tmp_path, monkeypatch):
+    def fails_on_a_high_rate(cfg):
+        if cfg.optimizer.lr > 1e-3:
+            raise RuntimeError("diverged")
+        return 1.0
+    fake_training(monkeypatch, fails_on_a_high_rate)
+    r = mtl_main("train", "-m", "hparams_search=lr_wd", "hydra.sweeper.n_trials=4", *STUDY)
+    states = [t.state for t in load(tmp_path).trials]
+    assert len(states) == 4 and TrialState.FAIL in states and TrialState.COMPLETE in states
+    assert r.status == 1 and "crash: RuntimeError: diverged" in r.err, r
+
+
+@pytest.mark.slow  # two processes that each import torch and train: 20 s
+def test_the_joblib_launcher_runs_two_jobs_at_once(mtl_main, tmp_path):
+    r = mtl_main("train", "-m", "hydra/launcher=parallel", "seed=0,1", *TINY_RUN, "hydra.sweep.dir=sweep")
+    assert r.status == 0, r
+    spans = []
+    for job in (0, 1):
+        lines = (tmp_path / "sweep" / str(job) / "train.log").read_text().splitlines()
+        stamps = [re.match(r"\[([\d\- :,]+)\]", line) for line in lines]
+        stamps = [m.group(1) for m in stamps if m]
+        spans.append((stamps[0], stamps[-1]))
+        assert (tmp_path / "sweep" / str(job) / "metrics.json").is_file()
+    (a0, a1), (b0, b1) = spans
+    assert a0 <= b1 and b0 <= a1, spans  # the two runs overlap in time
+
+
+def test_the_slurm_preset_renders_a_requeueable_batch_script(mtl_main, tmp_path, monkeypatch):
+    import submitit
+
+    from mtl_cli.launchers import continuing
+
+    rendered = {}
+
+    class Rendered(Exception):
+        pass
+
+    class Executor(submitit.AutoExecutor):
+        def map_array(self, fn, *args):  # what sbatch would be given, instead of calling it (no cluster here)
+            rendered["script"] = self._executor._make_submission_file_text("python -m submitit.core._submit", "u")
+            rendered["overrides"] = args[0]
+            raise Rendered
+    monkeypatch.setattr(submitit, "AutoExecutor", Executor)
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", staticmethod(lambda: 1))  # "srun is here"
+    with pytest.raises(Rendered):
+        mtl_main("train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "seed=0,1",
+                 "hydra.sweep.dir=sweep")
+    script = rendered["script"]
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=240",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --cpus-per-task=8"):
+        assert line in script, script
+    assert [list(o) for o in rendered["overrides"]] == [["seed=0", "resume=auto"], ["seed=1", "resume=auto"]]
+    assert continuing(["seed=0", "resume=null"]) == ["seed=0", "resume=null"]
+
+
+@pytest.mark.slow  # submitit's job process imports torch and trains: 20 s
+def test_a_local_submitit_executor_runs_a_job(mtl_main, tmp_path):
+    r = mtl_main("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", *TINY_RUN,
+                 "hydra.sweep.dir=sweep")
+    assert r.status == 0, r
+    assert json.loads((tmp_path / "sweep" / "0" / "metrics.json").read_text())["epochs"] == 1
+    assert list((tmp_path / "sweep" / ".submitit").glob("*/*_0_log.out"))  # it ran as submitit's job
+
+
+def test_a_stop_signal_reaches_the_handler_that_was_there_after_the_run_has_saved():
+    """submitit (hydra/launcher=slurm) requeues the job in its SIGUSR2 handler: the run takes the signal first
+    (finishes the step, saves last.pt, leaves its loop), then hands it on, so the requeued job finds last.pt."""
+    from mtl_cli.engine.signals import StopRequests
+
+    calls = []
+    before = signal.signal(signal.SIGUSR2, lambda number, frame: calls.append(number))
+    try:
+        with StopRequests() as stops:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert stops.received == signal.SIGUSR2 and calls == []  # the run decides when it stops
+        assert calls == [signal.SIGUSR2]
+        with StopRequests():
+            pass
+        assert calls == [signal.SIGUSR2]  # no signal, nothing handed on
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
+def test_a_sweep_preset_without_its_plugin_names_the_extra_to_install(mtl_main, monkeypatch):
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    import hydra_plugins.mtl_cli_plugins as plugins
+
+    plugins.register()
+    known = dict(Plugins.instance().class_name_to_class)
+    monkeypatch.setattr(Plugins.instance(), "class_name_to_class",
+                        {name: cls for name, cls in known.items() if "study_sweeper" not in name})
+    monkeypatch.setattr(plugins, "register", lambda: None)
+    r = mtl_main("train", "-m", "hparams_search=lr_wd")
+    assert r.status == 2 and r.err == ("mtl train: error: this sweep needs Hydra's Optuna sweeper, which is not "
+                                       'installed: pip install "mtl-cli[sweep]"\n'), r
+    monkeypatch.delitem(ConfigStore.instance().repo["hydra"]["launcher"], "joblib.yaml")
+    r = mtl_main("train", "-m", "hydra/launcher=parallel", "seed=0,1")
+    assert r.status == 2 and "needs Hydra's joblib launcher, which is not installed" in r.err, r
