@@ -204,6 +204,13 @@ def test_a_stop_signal_reaches_the_handler_that_was_there_after_the_run_has_save
         with StopRequests():
             pass
         assert calls == [signal.SIGUSR2]  # no signal, nothing handed on
+        before_term = signal.signal(signal.SIGTERM, lambda number, frame: calls.append(number))
+        try:
+            with StopRequests():
+                os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            signal.signal(signal.SIGTERM, before_term)
+        assert calls == [signal.SIGUSR2]  # a SIGTERM handler (torch elastic's, after a launch) would end the stop
     finally:
         signal.signal(signal.SIGUSR2, before)
 

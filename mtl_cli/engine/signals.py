@@ -1,7 +1,7 @@
 """SIGTERM and SIGUSR1, what Slurm and most schedulers send before preemption or at the time limit, and SIGUSR2,
 what submitit (hydra/launcher=slurm) has Slurm send: the run finishes its current step, writes last.pt and exits
-(see train.py); `resume=auto` continues it. A handler that was there before (submitit's, which requeues the job)
-is called after the run has saved, so the requeued job finds the checkpoint."""
+(see train.py); `resume=auto` continues it. SIGUSR2's earlier handler (submitit's, which requeues the job) is called
+after the run has saved, so the requeued job finds the checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import threading
 
 REQUESTS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+HANDED_ON = "SIGUSR2"  # submitit's requeue signal; other handlers of SIGTERM (torch elastic's) would end the stop
 
 
 class StopRequests:
@@ -35,7 +36,7 @@ class StopRequests:
     def __exit__(self, *exc) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
-        handed_on = self.previous.get(self.received)
+        handed_on = self.previous.get(self.received) if self.received == getattr(signal, HANDED_ON, None) else None
         self.previous.clear()
         if callable(handed_on):  # Python's own SIG_DFL and SIG_IGN are not callables
             handed_on(self.received, None)
