@@ -66,7 +66,7 @@ def launch(job: Job, count: int):
     config = on_this_machine(count, f"mtl-{os.getpid()}")
     log.info(f"starting {count} process{'es' if count > 1 else ''} (torch.distributed.launcher), one per device")
     try:
-        with quiet("torch.distributed.elastic", "torch.multiprocessing"):  # a failure is told once, below
+        with quiet("torch.distributed.elastic", "torch.multiprocessing"), handlers_kept():  # a failure is told once
             results = elastic_launch(config, worker)(job)
     except SignalException as e:  # SIGTERM/SIGUSR1...: the launcher passed it on; the ranks finished their step
         last = Path(job.run_dir) / "checkpoints" / "last.pt"
@@ -87,6 +87,23 @@ def on_this_machine(count: int, run_id: str):
     return LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=run_id, rdzv_backend="c10d",
                         rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
                         signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+
+
+@contextlib.contextmanager
+def handlers_kept():
+    """The signal handlers as they were before: torch's launcher installs its own (which raise SignalException)
+    and leaves them, so a later job of the same sweep would otherwise meet them."""
+    import signal
+
+    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+    numbers = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    before = {number: signal.getsignal(number) for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in before.items():
+            if handler is not None:  # None: set outside Python, cannot be put back from here
+                signal.signal(number, handler)
 
 
 @contextlib.contextmanager
