@@ -7,7 +7,6 @@ exit status 2; those found inside the job (a missing file, a checkpoint from els
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"mtl {command}", *rest]
     entry = getattr(commands, f"{command}_command")
     SWEEPS.clear()
-    if {"-m", "--multirun"}.intersection(rest):
+    if {"-m", "--multirun"}.intersection(rest) or "HYDRA.MODE=MULTIRUN" in (a.upper() for a in rest):
         from hydra_plugins.mtl_cli_plugins import register
 
         register()  # hydra/sweeper=study, hydra/launcher=slurm
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             if os.environ["RANK"] != "0":  # torchrun's other ranks run what rank 0 sends (launch.py)
                 return launch.follow()
             launch.lead()
-        with commands.group_options_once() if HELP_FLAGS.intersection(rest) else contextlib.nullcontext():
+        with commands.group_options_once() if HELP_FLAGS.intersection(rest) else commands.mode_from_the_command_line():
             entry()
         launch.release()  # torchrun's rank 0: no more jobs (a failed rank 0 leaves without: torchrun ends the rest)
     except Refused as e:

@@ -30,12 +30,17 @@ class Interrupted(KeyboardInterrupt):
 
 
 class Stopped(BaseException):
-    """The run stopped on a scheduler's request (SIGTERM, SIGUSR1) after writing last.pt; `signal` is its number.
-    A BaseException, so that a sweep stops with it (the whole job is being taken away) instead of going on."""
+    """The run stopped on a scheduler's request (SIGTERM, SIGUSR1, SIGUSR2) after writing last.pt; `signal` is its
+    number. A BaseException, so that a sweep stops with it (the whole job is being taken away) instead of going on.
+    `then`: the handler the signal had before the run (submitit's requeue), called once the job has wound up."""
 
-    def __init__(self, message: str, signal: int):
+    def __init__(self, message: str, signal: int, then=None):
         super().__init__(message)
-        self.signal = signal
+        self.signal, self.then = signal, then
+
+    def hand_on(self) -> None:
+        if callable(self.then):  # Python's own SIG_DFL and SIG_IGN are not callables
+            self.then(self.signal, None)
 
 
 FAILED = "failed.json"  # written into the directory of a sweep's job that failed
@@ -105,8 +110,9 @@ def user_message(e: Exception, command: str, overrides: list[str]) -> str | None
     plugin = missing_plugin(e)
     if plugin is not None:
         return plugin
-    if isinstance(e, MissingConfigException):
-        match = re.search(r"'([\w/]+)/([\w.\-]+)'", str(e))
+    if isinstance(e, MissingConfigException):  # the missing one, not the config that asked for it
+        match = (re.search(r"Could not (?:find|load) '([\w/]+)/([\w.\-]+)'", str(e))
+                 or re.search(r"'([\w/]+)/([\w.\-]+)'", str(e)))
         if match:
             group, option = match.groups()
             options = e.options or group_options(group)
@@ -139,22 +145,20 @@ def user_message(e: Exception, command: str, overrides: list[str]) -> str | None
     return None
 
 
-SWEEP_PLUGINS = {  # what the [sweep] extra brings: the names Hydra reports when one of them is not installed
-    "optuna": "Hydra's Optuna sweeper", "mtl_cli_plugins.study_sweeper": "Hydra's Optuna sweeper",
-    "joblib": "Hydra's joblib launcher", "submitit": "Hydra's submitit launcher",
-    "mtl_cli_plugins.slurm_launcher": "Hydra's submitit launcher"}
+SWEEP_PLUGINS = {  # what the [sweep] extra brings, by the names Hydra gives when one of them is missing
+    "optuna": "Hydra's Optuna sweeper", "study_sweeper": "Hydra's Optuna sweeper",
+    "joblib": "Hydra's joblib launcher", "submitit_local": "Hydra's submitit launcher",
+    "submitit_slurm": "Hydra's submitit launcher", "slurm_launcher": "Hydra's submitit launcher"}
 
 
 def missing_plugin(e: Exception) -> str | None:
     """A sweeper or launcher preset used without its plugin: Hydra says "Unknown plugin class" (our presets'
-    classes are defined only when their plugin is there) or cannot find the plugin's config (hydra/launcher=joblib)."""
+    classes are defined only when their plugin is there) or cannot find the plugin's own config (joblib, optuna)."""
     text = str(e)
-    if not re.search(r"Unknown plugin class|Could not find 'hydra/(sweeper|launcher)/|Could not load 'hydra/", text):
-        return None
-    plugin = next((name for key, name in SWEEP_PLUGINS.items() if key in text), None)
-    if plugin is None:
-        return None
-    return f'this sweep needs {plugin}, which is not installed: pip install "mtl-cli[sweep]"'
+    wanted = re.search(r"Unknown plugin class : '[\w.]*\.(\w+)\.\w+'"
+                       r"|Could not (?:find|load) 'hydra/(?:sweeper|launcher)/(\w+)'", text)
+    plugin = SWEEP_PLUGINS.get(next((name for name in wanted.groups() if name), "")) if wanted else None
+    return None if plugin is None else f'this sweep needs {plugin}, not installed: pip install "mtl-cli[sweep]"'
 
 
 def config_file_being_read(e: BaseException) -> str | None:

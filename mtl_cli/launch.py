@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mtl_cli.engine.signals import REQUEUE_SIGNAL
 from mtl_cli.errors import Interrupted, RunFailed, Stopped, UserError
 
 log = logging.getLogger("mtl")
@@ -70,8 +72,9 @@ def launch(job: Job, count: int):
             results = elastic_launch(config, worker)(job)
     except SignalException as e:  # SIGTERM/SIGUSR1...: the launcher passed it on; the ranks finished their step
         last = Path(job.run_dir) / "checkpoints" / "last.pt"
+        then = signal.getsignal(e.sigval) if e.sigval == getattr(signal, REQUEUE_SIGNAL, None) else None
         raise Stopped(f"stopped by {e.sigval.name}: {last} holds the last step; continue with mtl train "
-                      f"resume={last} (or resume=auto hydra.run.dir={job.run_dir})", int(e.sigval)) from None
+                      f"resume={last} (or resume=auto hydra.run.dir={job.run_dir})", int(e.sigval), then) from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
@@ -86,15 +89,13 @@ def on_this_machine(count: int, run_id: str):
 
     return LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=run_id, rdzv_backend="c10d",
                         rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
-                        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+                        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2")
 
 
 @contextlib.contextmanager
 def handlers_kept():
     """The signal handlers as they were before: torch's launcher installs its own (which raise SignalException)
     and leaves them, so a later job of the same sweep would otherwise meet them."""
-    import signal
-
     names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
     numbers = [getattr(signal, name) for name in names if hasattr(signal, name)]
     before = {number: signal.getsignal(number) for number in numbers}

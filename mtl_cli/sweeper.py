@@ -2,9 +2,9 @@
 Optuna sweeper, with what a study of training runs needs on top of it.
 
 - The study lives in `<sweep dir>/study.db` (SQLite). Run the same command with the same `hydra.sweep.dir` and it
-  continues: `n_trials` is the study's total, trials a killed sweep left running are marked failed and asked
-  again with the same parameters, and new jobs get new directories (Hydra's own sweeper would start numbering at
-  0 again, over the old jobs' checkpoints).
+  continues: `n_trials` is the study's total of completed trials, trials a killed sweep left running are marked
+  failed and asked again with the same parameters, and new jobs get new directories (Hydra's own sweeper would
+  start numbering at 0 again, over the old jobs' checkpoints).
 - `direction: auto` takes each objective's direction from its metric (the direction best.pt is chosen with), and
   the objectives (`objectives`, else `trainer.monitor`) are checked against what the run logs before any trial.
 - `conditional`: hyperparameters that exist for one choice only (`weighting.c` when `weighting=cagrad`), suggested
@@ -38,25 +38,28 @@ class Study(OptunaSweeper):
     def __init__(self, conditional: DictConfig | None = None, **optuna: Any) -> None:
         super().__init__(**optuna)
         self.conditional = OmegaConf.to_container(conditional, resolve=True) if conditional else {}
-        if self.conditional:
-            self.sweeper.custom_search_space_extender = self.suggest_conditional
+        self.custom = self.sweeper.custom_search_space_extender  # the plugin's own hook, if the user set one
+        self.sweeper.custom_search_space_extender = self.suggest_conditional
 
     def sweep(self, arguments: list[str]) -> None:
         import optuna
 
         logging.getLogger("alembic").setLevel(logging.WARNING)  # Optuna's SQLite schema set-up, line by line
         impl = self.sweeper
-        impl.direction = directions(self.config, impl.direction)
+        impl.direction = study_directions(self.config, impl.direction)
         self.spaces = {key: {option: distributions(space, f"hydra.sweeper.conditional.{key}.{option}")
                              for option, space in options.items()} for key, options in self.conditional.items()}
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)  # SQLite makes no folders
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)  # SQLite makes no folders
         study = existing_study(impl.study_name, impl.storage)
         if study is not None:
-            impl.job_idx = len(study.trials)  # new job directories after the old ones, numbered as the trials
-            counted = ask_again_the_interrupted(study)
-            impl.n_trials = max(0, int(impl.n_trials) - counted)
-            log.info(f"continuing the study {impl.study_name!r} of {impl.storage}: {counted} trials done, "
-                     f"{impl.n_trials} to go")
+            check_directions(study, impl.direction, impl.study_name)
+            jobs = [int(p.name) for p in sweep_dir.iterdir() if p.name.isdigit()]
+            impl.job_idx = max([len(study.trials), *(n + 1 for n in jobs)])  # new job directories after the old
+            completed = ask_again_the_interrupted(study)
+            impl.n_trials = max(0, int(impl.n_trials) - completed)
+            log.info(f"continuing the study {impl.study_name!r} of {impl.storage}: {completed} trials completed, "
+                     f"{impl.n_trials} to go (hydra.sweeper.n_trials is the study's total)")
             if impl.n_trials == 0:
                 return
         try:
@@ -73,10 +76,14 @@ class Study(OptunaSweeper):
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def suggest_conditional(self, config: DictConfig, trial) -> None:
-        """The parameters that belong to the option the trial chose, e.g. weighting.c for weighting=cagrad."""
+        """The parameters that belong to the option the trial chose, e.g. weighting.c for weighting=cagrad (the
+        option searched, or fixed on the command line: the plugin keeps those as user attributes)."""
         for key, options in self.spaces.items():
-            for name, distribution in options.get(str(trial.params.get(key)), {}).items():
+            chosen = trial.params.get(key, trial.user_attrs.get(key))
+            for name, distribution in options.get(str(chosen), {}).items():
                 trial._suggest(name, distribution)  # what the plugin itself calls for its search space
+        if self.custom is not None:
+            self.custom(config, trial)
 
 
 def distributions(space: dict, where: str) -> dict:
@@ -94,7 +101,7 @@ def distributions(space: dict, where: str) -> dict:
     return searched
 
 
-def directions(config: DictConfig, direction: Any) -> list[str]:
+def study_directions(config: DictConfig, direction: Any) -> list[str]:
     """The study's directions, one per objective: `auto` entries from the metrics (higher-is-better -> maximize);
     given ones are checked against them, since a study told to minimise an accuracy would search for the worst."""
     from mtl_cli.engine.monitor import objective_directions
@@ -126,9 +133,18 @@ def existing_study(name: str, storage: str | None):
         return None
 
 
+def check_directions(study, wanted: list[str], name: str) -> None:
+    """A study continued with other objectives or directions: Optuna would stop with a traceback."""
+    have = [d.name.lower() for d in study.directions]
+    if have != wanted:
+        raise UserError(f"the study {name!r} in this sweep dir optimises {have}, and this sweep asks for {wanted} "
+                        "(other objectives or directions): give another hydra.sweep.dir or study_name for a new study")
+
+
 def ask_again_the_interrupted(study) -> int:
     """Marks the trials a killed sweep left running as failed ("interrupted") and enqueues their parameters, so
-    the study asks them again; returns how many trials count as done (completed, pruned or failed on their own)."""
+    the study asks them again; returns how many trials completed. A study is continued by one sweep at a time: a
+    trial another live sweep is running would look interrupted too."""
     from optuna.exceptions import ExperimentalWarning
     from optuna.trial import TrialState
 
@@ -139,5 +155,4 @@ def ask_again_the_interrupted(study) -> int:
             warnings.simplefilter("ignore", ExperimentalWarning)  # experimental in optuna 2, stable in 3
             study.enqueue_trial(trial.params)
         log.info(f"trial {trial.number} was interrupted: it is asked again with {trial.params}")
-    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return sum(t.state in finished and not t.user_attrs.get(INTERRUPTED) for t in study.trials)
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)

@@ -220,11 +220,13 @@ def reads_files(group, option):
 
 # Experiment trackers write to stores of their own (MLflow's in the working directory): test_trackers.py builds them.
 TRACKERS = {"logger=mlflow", "logger=wandb"}
+TRANSFORMERS = {"vit_b_16", "swin_t"}  # built in the default run by test_models (with cross_stitch): slow here
 
 
 def group_cases():
     return [pytest.param(group, option, id=f"{group}={option}",
-                         marks=pytest.mark.slow if group == "backbone" and option in LARGER_SIZES else ())
+                         marks=pytest.mark.slow if group == "backbone" and option in LARGER_SIZES | TRANSFORMERS
+                         else ())
             for group in groups() if group != "tasks" for option in options(group)
             if not reads_files(group, option) and f"{group}={option}" not in TRACKERS]
 

@@ -32,8 +32,7 @@ BACKBONES = sorted(p.stem for p in (config_dir() / "backbone").glob("*.yaml"))
 # the stages itself, on the other two layouts a stage can pass on, NHWC maps (Swin) and tokens (ViT); the
 # architectures with per-stage parts on ViT's single map; test_configs builds and steps one backbone of each family
 # with hard sharing. `-m slow` runs every architecture on every backbone option.
-CHEAP = {(a, "small_cnn") for a in ARCHITECTURES} | {("cross_stitch", "swin_t"), ("cross_stitch", "vit_b_16"),
-                                                     ("mtan", "vit_b_16"), ("mmoe", "vit_b_16")}
+CHEAP = {(a, "small_cnn") for a in ARCHITECTURES} | {("cross_stitch", "swin_t"), ("cross_stitch", "vit_b_16")}
 
 
 def build(*overrides: str, tasks=TASKS):

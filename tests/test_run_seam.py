@@ -59,6 +59,29 @@ def test_sigterm_mid_epoch_saves_and_resume_auto_ends_bit_identical(mtl_main, tm
     same(weights(tmp_path / "straight"), weights(tmp_path / "run"))
 
 
+def test_sigusr2_saves_then_reaches_the_handler_that_requeues_and_no_sigterm_handler_is_called(mtl_main, tmp_path,
+                                                                                                monkeypatch):
+    """hydra/launcher=slurm: submitit requeues the job in its SIGUSR2 handler. The run takes the signal first
+    (finishes the step, saves last.pt, closes its loggers), then hands it on; another handler of SIGTERM (torch
+    elastic's, left by a launch) is never handed a stop."""
+    calls = []
+
+    def requeue(number, frame):
+        calls.append((number, (tmp_path / "run" / "checkpoints" / "last.pt").is_file()))
+    before = {signum: signal.signal(signum, requeue) for signum in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        signal_at_step(monkeypatch, 3, signal.SIGUSR2)
+        r = mtl_main("train", *RUN, "hydra.run.dir=run")
+        assert r.status == 128 + signal.SIGUSR2 and "stopped by SIGUSR2" in r.err, r
+        assert calls == [(signal.SIGUSR2, True)]  # once, after last.pt was written
+        signal_at_step(monkeypatch, 6, signal.SIGTERM)
+        assert mtl_main("train", *RUN, "resume=auto", "hydra.run.dir=run").status == 128 + signal.SIGTERM
+        assert calls == [(signal.SIGUSR2, True)]
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 def test_checkpoints_every_n_steps_inside_the_epoch(mtl_main, tmp_path, monkeypatch):
     from mtl_cli.engine import state as state_module
 

@@ -4,6 +4,7 @@ always on; logger=console selects no other sink."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 
 from mtl_cli.engine.sinks.base import Sink
 from mtl_cli.errors import Stopped
+
+log = logging.getLogger("mtl")
 
 
 class Logger:
@@ -40,18 +43,26 @@ class Logger:
         self.num_images = int(images) if any(sink.shows_images for sink in self.sinks.values()) else 0
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
-        for sink in self.sinks.values():
-            sink.scalars(values, step)
+        self.each("scalars", lambda sink: sink.scalars(values, step))
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
-        for sink in self.sinks.values():
-            sink.text(tag, text, step)
+        self.each("text", lambda sink: sink.text(tag, text, step))
 
     def images(self, tag: str, images: torch.Tensor, step: int) -> None:
         images = images.clamp(0, 1).cpu()
-        for sink in self.sinks.values():
-            if sink.shows_images:
-                sink.images(tag, images, step)
+        self.each("images", lambda sink: sink.images(tag, images, step) if sink.shows_images else None)
+
+    def each(self, what: str, call: Callable[[Sink], None]) -> None:
+        """`call` on every sink. A sink that fails mid-run (its server gone, its disk full) is dropped with one
+        warning: the run, its checkpoints and the other sinks go on."""
+        for name, sink in list(self.sinks.items()):
+            try:
+                call(sink)
+            except Exception as e:  # noqa: BLE001 -- whatever a tracker raises, training is worth more
+                log.warning(f"logger {name}: {what} failed ({type(e).__name__}: {e}); it is dropped for the rest "
+                            "of the run")
+                del self.sinks[name]
+                self.close_quietly(sink, "failed")
 
     def validation(self, tasks, results: dict, step: int) -> None:
         """Validation scalars, and example predictions next to their targets as images."""
@@ -83,5 +94,18 @@ class Logger:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        self.close("finished" if kind is None else "killed" if issubclass(kind, (Stopped, KeyboardInterrupt))
-                   else "failed")
+        status = "finished" if kind is None else "killed" if issubclass(kind, (Stopped, KeyboardInterrupt)) \
+            else "failed"
+        if kind is None:
+            self.close(status)
+            return
+        for sink in self.sinks.values():  # the run's own error (or stop) is what the command reports
+            self.close_quietly(sink, status)
+        self.sinks = {}
+
+    @staticmethod
+    def close_quietly(sink: Sink, status: str) -> None:
+        try:
+            sink.close(status)
+        except Exception as e:  # noqa: BLE001
+            log.warning(f"logger: closing {type(sink).__name__} failed ({type(e).__name__}: {e})")

@@ -11,7 +11,7 @@ from mtl_cli.errors import UserError
 from mtl_cli.tasks import Task
 
 
-def directions(tasks: Mapping[str, Task], delta_m: bool) -> dict[str, bool]:
+def higher_is_better(tasks: Mapping[str, Task], delta_m: bool) -> dict[str, bool]:
     """Every value validation logs that a run can be judged by -> whether higher is better."""
     higher = {f"val/{task}/{metric}": up for task in tasks for metric, up in tasks[task].directions().items()}
     higher.update({f"val/loss/{task}": False for task in [*tasks, "total"]})
@@ -22,13 +22,13 @@ def directions(tasks: Mapping[str, Task], delta_m: bool) -> dict[str, bool]:
 
 class Monitor:
     def __init__(self, name: str, mode: str, tasks: Mapping[str, Task], delta_m: bool = False):
-        directions_ = directions(tasks, delta_m)
-        if name not in directions_:
+        higher = higher_is_better(tasks, delta_m)
+        if name not in higher:
             hint = " (val/delta_m needs baselines or baselines_from)" if name == "val/delta_m" else ""
             raise UserError(f"trainer.monitor={name!r} is not logged by this run{hint}; choose one of: "
-                            + ", ".join(sorted(directions_)))
+                            + ", ".join(sorted(higher)))
         self.name = name
-        self.mode = mode if mode != "auto" else ("max" if directions_[name] else "min")
+        self.mode = mode if mode != "auto" else ("max" if higher[name] else "min")
 
     def value(self, results: dict) -> float:
         """The monitored value; NaN when validation did not compute it (trainer.limit_val_batches cut it off)."""
@@ -48,7 +48,9 @@ class Objectives:
 
     def __init__(self, names, monitor: Monitor, tasks: Mapping[str, Task], delta_m: bool = False):
         self.names, self.monitor = list(names or []), monitor
-        logged = directions(tasks, delta_m)
+        if len(set(self.names)) < len(self.names):
+            raise UserError(f"objectives={self.names} names a value twice: give each once")
+        logged = higher_is_better(tasks, delta_m)
         unknown = [name for name in self.names if name not in logged]
         if unknown:
             raise UserError(f"objectives={self.names}: {', '.join(unknown)} is not logged by this run; choose from: "
@@ -59,7 +61,7 @@ class Objectives:
     def values(self, best: float | None, best_results: dict | None) -> float | list[float]:
         if not self.names:
             return math.nan if best is None else float(best)
-        logged = flatten(best_results or {})
+        logged = flatten(best_results) if best_results else {}  # none: no validation ran
         values = [float(logged.get(name, math.nan)) for name in self.names]
         return values[0] if len(values) == 1 else values
 

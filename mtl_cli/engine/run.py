@@ -61,14 +61,14 @@ class Run:
             self.checked.add(present)
 
     def stop(self) -> None:
-        """A scheduler asked the run to stop (SIGTERM, SIGUSR1): the step is done; write last.pt and say how to go
-        on."""
+        """A scheduler asked the run to stop (SIGTERM, SIGUSR1, SIGUSR2): the step is done; write last.pt and say
+        how to go on."""
         state = self.state
         state.save(self.last)
         name = signal.Signals(self.stops.received).name
         raise Stopped(f"stopped by {name} at epoch {state.epoch + 1}, batch {state.batch}, step {state.step}: saved "
                       f"{self.last}; continue with mtl train resume={self.last} (or resume=auto "
-                      f"hydra.run.dir={self.run_dir})", self.stops.received)
+                      f"hydra.run.dir={self.run_dir})", self.stops.received, then=self.stops.handed_on())
 
     def report(self, seconds: float) -> None:
         """The table of the final and best validation, and metrics.json (rank 0's)."""

@@ -9,7 +9,7 @@ import signal
 import threading
 
 REQUESTS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
-HANDED_ON = "SIGUSR2"  # submitit's requeue signal; other handlers of SIGTERM (torch elastic's) would end the stop
+REQUEUE_SIGNAL = "SIGUSR2"  # submitit's; another SIGTERM handler (torch elastic's) would only end the stop early
 
 
 class StopRequests:
@@ -33,13 +33,15 @@ class StopRequests:
         if self.received is None:
             self.received = number
 
+    def handed_on(self):
+        """The handler the received signal had before, when it is the requeue signal: Stopped calls it once the job
+        has wound up (train.py's logger closed, commands.py)."""
+        return self.previous.get(self.received) if self.received == getattr(signal, REQUEUE_SIGNAL, None) else None
+
     def __exit__(self, *exc) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
-        handed_on = self.previous.get(self.received) if self.received == getattr(signal, HANDED_ON, None) else None
         self.previous.clear()
-        if callable(handed_on):  # Python's own SIG_DFL and SIG_IGN are not callables
-            handed_on(self.received, None)
 
 
 def ignore_stop_requests(worker_id: int) -> None:
