@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import torch
+import yaml
 
 from conftest import TINY_RUN
 
@@ -160,3 +161,26 @@ def test_a_run_never_writes_a_checkpoint_of_nonfinite_weights(tmp_path):
     with pytest.raises(NonFinite, match="no longer finite"):
         state.save(tmp_path / "last.pt")
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_checkpoint_from_before_sinks_folds_and_objectives_evaluates_and_resumes(mtl_main, tmp_path, tiny_run):
+    """Configs saved before this version lack logger.sinks (they say logger.tensorboard), data.folds/fold/fold_seed
+    and objectives: mtl eval and a resume read them as they were, unfolded and logging to TensorBoard."""
+    checkpoint = torch.load(tiny_run / "checkpoints" / "last.pt", weights_only=True)
+    config = yaml.safe_load(checkpoint["config"])
+    config["logger"] = {"_target_": "mtl_cli.engine.logger.Logger", "_partial_": True, "tensorboard": True,
+                        "log_every": 20, "images": 4}
+    for key in ("folds", "fold", "fold_seed"):
+        del config["data"][key]
+    del config["objectives"]
+    checkpoint["config"] = yaml.safe_dump(config, sort_keys=False)
+    torch.save(checkpoint, tmp_path / "old.pt")
+    r = mtl_main("eval", "ckpt=old.pt", "hydra.run.dir=eval")
+    assert r.status == 0, r
+    record = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    trained = json.loads((tiny_run / "metrics.json").read_text())
+    assert record["metrics"]["segmentation"] == trained["final"]["metrics"]["segmentation"]
+    r = mtl_main("train", "resume=old.pt", "trainer.max_epochs=2", "hydra.run.dir=resumed")
+    assert r.status == 0, r
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["epochs"] == 2
+    assert list((tmp_path / "resumed").glob("events.out.tfevents.*"))
