@@ -332,6 +332,25 @@ def test_imtl_g_matches_torchjd(seed):
     _close(update, aggregation.IMTLG()(grads), tol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+@pytest.mark.parametrize("seed", range(3))
+def test_imtl_g_balances_badly_scaled_gradients_in_training_precision(dtype, seed):
+    """Row norms spread over 1e-6..1e3, as a small-loss task next to segmentation: the update still projects
+    equally on every unit gradient (no task is dropped for being small), in float32 as training runs it."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(4, 200, dtype=F64, generator=generator)
+    scales = torch.tensor([1e3, 1.0, 1e-3, 1e-6], dtype=F64)
+    grads = (directions / directions.norm(dim=1, keepdim=True) * scales[:, None]).to(dtype)
+    update, alpha = _combine(IMTL(TASKS + ["x"], mode="gradient"), grads)
+    assert update.dtype == dtype and torch.isfinite(update).all() and update.norm() > 0
+    units = directions / directions.norm(dim=1, keepdim=True)
+    projections = units @ update.double()
+    torch.testing.assert_close(projections, projections[0].expand(4), rtol=1e-4, atol=0)
+    assert float(alpha.sum()) == pytest.approx(1.0, abs=1e-9)
+    reference, _ = _combine(IMTL(TASKS + ["x"], mode="gradient"), grads.double())
+    torch.testing.assert_close(update.double(), reference, rtol=1e-4, atol=1e-9 * float(reference.norm()))
+
+
 def test_imtl_g_without_a_solution_counts_a_solver_failure_and_leaves_the_shared_update_at_zero():
     grads = torch.stack([CONFLICTING[0], -CONFLICTING[0]])  # no direction has equal projections on both
     method = IMTL(TASKS[:2], mode="gradient")
