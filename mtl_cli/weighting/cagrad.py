@@ -21,8 +21,10 @@ class CAGrad(GradientWeighting):
     2 1 + c. So the coefficients are (1/T + lambda w) / rescale, lambda = c |g0| / |g_w|; c = 0 gives the mean
     gradient exactly.
 
-    When |g_w| < norm_eps |G|_F the gradients are (nearly) Pareto-stationary and lambda is undefined: the
-    coefficients are zero, as in torchjd. Only the shared parameters get the combination; each head gets its own
+    When |g_w| <= norm_eps sum_i w_i |g_i| (g_w is 0 up to the rounding of its own terms) the gradients are
+    Pareto-stationary and lambda is undefined: the coefficients are zero, as in torchjd. The test is relative to
+    the gradients g_w combines, not to |G|_F: against |G|_F, a task whose gradient was 1e-4 of the others' zeroed
+    every update. Only the shared parameters get the combination; each head gets its own
     task's gradient, as in the official code. The dual is solved exactly (`solvers.cagrad_dual`); a failed check is
     reported through `solver_failed` and the best point found is used.
     """
@@ -30,7 +32,7 @@ class CAGrad(GradientWeighting):
     loss_weights = False
 
     def __init__(self, tasks: Sequence[str], grad_target: str = "params", grad_every: int = 1, c: float = 0.4,
-                 rescale: int = 1, norm_eps: float = 1e-4, max_iters: int = 10_000):
+                 rescale: int = 1, norm_eps: float = 1e-3, max_iters: int = 10_000):
         super().__init__(tasks, grad_target, grad_every)
         if c < 0 or rescale not in RESCALES:
             raise UserError(f"CAGrad: c={c} must be >= 0 and rescale={rescale} one of 0, 1, 2")
@@ -38,7 +40,7 @@ class CAGrad(GradientWeighting):
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor, index: list[int]) -> torch.Tensor:
         gram = solvers.gramian(grads)
-        tasks, trace = gram.shape[0], gram.trace()
+        tasks = gram.shape[0]
         coefficients = torch.full((tasks,), 1 / tasks, dtype=gram.dtype)
         radius = self.c * gram.mean().clamp(min=0).sqrt()  # c |g0|
         if radius > 0:
@@ -46,7 +48,8 @@ class CAGrad(GradientWeighting):
             if failure:
                 self.solver_failed(failure)
             norm = (w @ gram @ w).clamp(min=0).sqrt()  # |g_w|
-            if norm >= self.norm_eps * trace.sqrt():
+            combined = (w * gram.diagonal().clamp(min=0).sqrt()).sum()  # sum_i w_i |g_i|: the scale of g_w's terms
+            if norm > self.norm_eps * combined:
                 coefficients = coefficients + radius / norm * w
             else:
                 coefficients = torch.zeros_like(coefficients)
