@@ -34,6 +34,14 @@ def _grads(tasks, dims, seed, scale=1.0):
     return scale * torch.randn(tasks, dims, dtype=F64, generator=torch.Generator().manual_seed(seed))
 
 
+def _badly_scaled(seed, dtype):
+    """Four gradients whose norms spread over 1e-6..1e3 (a small-loss task next to segmentation), in `dtype`."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(4, 200, dtype=F64, generator=generator)
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    return (directions * torch.tensor([1e3, 1.0, 1e-3, 1e-6], dtype=F64)[:, None]).to(dtype)
+
+
 def _coefficients(method, grads, losses=None):
     losses = torch.ones(len(grads), dtype=F64) if losses is None else losses
     c = method.aggregate(grads, losses, list(range(len(grads))))
@@ -240,23 +248,40 @@ def test_cagrad_agrees_with_torchjd_up_to_the_rescale(tasks, dims, seed, c):
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
 @pytest.mark.parametrize("seed", range(3))
 def test_cagrad_keeps_its_ball_and_lowers_every_loss_with_badly_scaled_gradients(dtype, seed):
-    """Row norms spread over 1e-6..1e3 (a small-loss task next to segmentation), in float32 as training runs it:
-    the update is never zero for c < 1: it lies on the sphere |d - g0| = c |g0| and every task's loss decreases.
-    Before, a task 1e-4 of the others' made |g_w| fall under a cut-off relative to |G|_F and every update was
-    silently 0. (The dual's support is not yet exact at these scales: the weighed tasks' decreases do not tie.)"""
-    generator = torch.Generator().manual_seed(seed)
-    directions = torch.randn(4, 200, dtype=F64, generator=generator)
-    directions = directions / directions.norm(dim=1, keepdim=True)
-    grads = (directions * torch.tensor([1e3, 1.0, 1e-3, 1e-6], dtype=F64)[:, None]).to(dtype)
+    """In float32 as training runs it: the update is never zero for c < 1: it lies on the sphere |d - g0| = c |g0|,
+    every task's loss decreases, and the tasks the dual weighs all attain the worst decrease (the max-min's
+    complementary slackness). Before, a task 1e-4 of the others' made |g_w| fall under a cut-off relative to |G|_F
+    and every update was silently 0, and an absolute tie averaged the dual's optimum with points that were not."""
+    grads = _badly_scaled(seed, dtype)
     cagrad = CAGrad(_names(4), c=0.4, rescale=0)
     coefficients = _coefficients(cagrad, grads)
     update, exact = (coefficients @ grads).double(), grads.double()
     g0 = exact.mean(0)
     assert int(cagrad.solver_failures) == 0
     assert float((update - g0).norm()) == pytest.approx(0.4 * float(g0.norm()), rel=1e-5)
-    assert float((exact @ update).min()) > 0
+    decreases = exact @ update
+    assert float(decreases.min()) > 0
+    w, _ = solvers.cagrad_dual(exact @ exact.T, 0.4)
+    torch.testing.assert_close(decreases[w > 0], decreases.min().expand(int((w > 0).sum())), rtol=1e-4, atol=0)
     reference = _coefficients(CAGrad(_names(4), c=0.4, rescale=0), exact)
     torch.testing.assert_close(coefficients.double(), reference, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+@pytest.mark.parametrize("seed", range(3))
+def test_mgda_finds_the_min_norm_point_of_badly_scaled_gradients(dtype, seed):
+    """The min-norm point d of the convex hull satisfies g_i . d >= |d|^2 for every task, with equality on its
+    support (KKT); with a gradient 1e-6 of the largest, d is tiny but not zero, and an absolute tie used to average
+    the optimal active set with others."""
+    grads = _badly_scaled(seed, dtype)
+    mgda = MGDA(_names(4))
+    coefficients = _coefficients(mgda, grads)
+    d, exact = (coefficients.double() @ grads.double()), grads.double()
+    assert int(mgda.solver_failures) == 0 and float(d.norm()) > 0
+    ratios = exact @ d / (d @ d)
+    assert bool((ratios >= 1 - 1e-4).all()), ratios
+    support = coefficients > 1e-6 * coefficients.max()
+    torch.testing.assert_close(ratios[support], torch.ones(int(support.sum()), dtype=F64), rtol=1e-4, atol=0)
 
 
 def test_cagrad_degenerate_gradients():

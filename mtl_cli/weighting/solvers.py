@@ -22,7 +22,7 @@ import torch
 EXACT_TASKS = 10  # 2^10 linear systems of size 11 in one batch: about a millisecond
 TOL = 1e-9  # on each problem's optimality measure, M normalised to trace 1
 FEASIBLE = 1e-12  # how far below a bound a candidate may be and still count as on it
-TIE = 1e-12  # candidates this close to the least objective are optima too: their mean is returned
+TIE = 1e-12  # candidates this close to the least objective, relative to the size of their terms, are optima too
 F64 = torch.float64
 
 
@@ -63,7 +63,7 @@ def min_norm_point(gram: torch.Tensor, max_iters: int = 10_000) -> tuple[torch.T
 
 def _min_norm_candidates(a, masks):
     c = _simplex_kkt(a, masks, _unit(a.shape[0]))[..., 0]
-    return c, _quad(c, a)
+    return c, _quad(c, a), _quad(c.abs(), a.abs())
 
 
 def _simplex_gap(a, c):
@@ -157,7 +157,7 @@ def _cagrad_candidates(a, b, phi, masks, least_squares=False):
     x0, x1 = x[..., 0], x[..., 1]
     sigma = ((1 - _quad(x0, a)) / _quad(x1, a)).sqrt()  # NaN where there is no such root: filtered out
     w = torch.cat([x1 + x0 / sigma[:, None], x1])
-    return w, w @ b + phi * _quad(w, a).clamp(min=0).sqrt()
+    return w, w @ b + phi * _quad(w, a).clamp(min=0).sqrt(), w.abs() @ b.abs() + phi * _quad(w.abs(), a.abs()).sqrt()
 
 
 def _cagrad_gap(a, b, phi, w):
@@ -270,12 +270,16 @@ def _quad(x, a):
     return torch.einsum("ni,ij,nj->n", x, a, x)
 
 
-def _least(points, values):
-    """The mean of the feasible (non-negative) points of least value, or None if none is feasible."""
+def _least(points, values, sizes):
+    """The mean of the feasible (non-negative) points of least value, or None if none is feasible. A point ties
+    with the least when the values differ by less than TIE of the size of their terms (`sizes`: the value with every
+    term taken positive), not of the problem's: where one task's gradient is 1e-6 of another's, the optimum's value
+    is itself ~1e-18 of the trace, and an absolute tie would average it with points that are not optima."""
     values = torch.where((points >= -FEASIBLE).all(1) & values.isfinite(), values, math.inf)
     if not values.min().isfinite():
         return None
-    return points[values <= values.min() + TIE].mean(0)
+    best = values.argmin()
+    return points[values <= values[best] + TIE * torch.maximum(sizes, sizes[best])].mean(0)
 
 
 def _onto_simplex(x):
