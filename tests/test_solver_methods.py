@@ -284,6 +284,19 @@ def test_mgda_finds_the_min_norm_point_of_badly_scaled_gradients(dtype, seed):
     torch.testing.assert_close(ratios[support], torch.ones(int(support.sum()), dtype=F64), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+@pytest.mark.parametrize("seed", range(3))
+def test_nash_mtl_solves_its_equation_for_badly_scaled_gradients(dtype, seed):
+    """Nash-MTL's defining equation (G G^T a)_i a_i = 1 (every task gets g_i . d = 1/a_i) holds to 1e-6 in float32,
+    with gradient norms over 1e-6..1e3 (weights over as many decades)."""
+    grads = _badly_scaled(seed, dtype)
+    nash = NashMTL(_names(4))
+    a = _coefficients(nash, grads).double()
+    exact = grads.double()
+    assert int(nash.solver_failures) == 0
+    torch.testing.assert_close((exact @ exact.T @ a) * a, torch.ones(4, dtype=F64), rtol=1e-6, atol=0)
+
+
 def test_cagrad_degenerate_gradients():
     g = torch.tensor([1.0, 2.0, -1.0], dtype=F64)
     cagrad = CAGrad(_names(3), rescale=0)

@@ -16,10 +16,13 @@ class NashMTL(GradientWeighting):
     """The Nash bargaining solution: the weights a > 0 with M a = 1/a (M = G G^T), so that every task gets
     g_i^T d = 1 / a_i from the update d = a @ G (the paper's eq. 3 and Algorithm 1).
 
-    The official code divides M by its Frobenius norm before its convex-concave iterations, but puts the norm back
-    in the constraints, so its weights solve M a = 1/a on the raw Gramian (torchjd's port gives the same); here the
-    solver scales M for conditioning and back the same way. These are loss weights (the official code
-    back-propagates the weighted loss), so the heads get them too. The paper's max_norm is `trainer.grad_clip`
+    Ours is the exact solution of that equation (Newton's method, checked by its residual); the official code and
+    torchjd's port aim at the same equation on the raw Gramian (they divide M by its norm for conditioning and put
+    the norm back in the constraints), but they do not solve it: the official code runs a few convex-concave
+    iterations of cvxpy (and falls back to summing the losses, silently, when they fail), and on conflicting or
+    badly scaled gradients both settle on weights whose M a differs from 1/a. Where they agree with the equation,
+    they agree with us. These are loss weights (the official code back-propagates the weighted loss), so the heads
+    get them too. The paper's max_norm is `trainer.grad_clip`
     and its update_weights_every is `grad_every`.
 
     Solved exactly by Newton's method (`solvers.positive_solution`), so there is no state to warm-start. A task
