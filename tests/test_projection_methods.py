@@ -17,6 +17,7 @@ from torch import nn
 from mtl_cli.build import build_weighting
 from mtl_cli.errors import UserError
 from mtl_cli.paths import config_dir
+from mtl_cli.weighting import solvers
 from mtl_cli.weighting.aligned_mtl import AlignedMTL, balance_transform
 from mtl_cli.weighting.base import GradientWeighting
 from mtl_cli.weighting.db_mtl import DBMTL
@@ -450,6 +451,24 @@ def test_aligned_mtl_matches_torchjd(scale_mode, rank_deficient):
         grads[3] = grads[0] - 0.5 * grads[1]
     update, _ = _combine(AlignedMTL(TASKS + ["x"], scale_mode=scale_mode), grads)
     _close(update, aggregation.AlignedMTL(scale_mode=scale_mode)(grads), tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+@pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
+def test_aligned_mtl_aligns_badly_scaled_gradients_in_training_precision(dtype, scale_mode):
+    """Row norms over 1e-6..1e3 make G G^T's condition number 1e18: the aligned rows are still orthogonal with
+    equal norms (relative to sigma^2), and float32 gives float64's update (they were 800 times apart)."""
+    generator = torch.Generator().manual_seed(3)
+    directions = torch.randn(4, 200, dtype=F64, generator=generator)
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    grads = (directions * torch.tensor([1e3, 1.0, 1e-3, 1e-6], dtype=F64)[:, None]).to(dtype)
+    transform = balance_transform(solvers.gramian(grads), scale_mode, torch.finfo(dtype).eps)
+    aligned = transform @ grads.double()
+    sigma2 = float(aligned.norm(dim=1).square().mean())
+    torch.testing.assert_close(aligned @ aligned.T / sigma2, torch.eye(4, dtype=F64), rtol=0, atol=1e-5)
+    update, _ = _combine(AlignedMTL(TASKS + ["x"], scale_mode=scale_mode), grads)
+    reference, _ = _combine(AlignedMTL(TASKS + ["x"], scale_mode=scale_mode), grads.double())
+    torch.testing.assert_close(update.double(), reference, rtol=1e-4, atol=0)
 
 
 def test_aligned_mtl_rejects_an_unknown_scale_mode_or_task():

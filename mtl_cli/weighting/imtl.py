@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mtl_cli.errors import UserError
+from mtl_cli.weighting import solvers
 from mtl_cli.weighting.base import GradientWeighting, Logs, Weighting
 
 MODES = ("hybrid", "gradient", "loss")
@@ -84,7 +85,7 @@ class IMTL(GradientWeighting):
         return super().backward(losses, model, scaler, features, log_grads, measure)
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor, index: list[int]) -> torch.Tensor:
-        gram = (grads @ grads.T).double().cpu()
+        gram = solvers.gramian(grads)
         scales = torch.ones(len(gram), dtype=gram.dtype)
         if self.log_scales is not None:
             scales = self.log_scales[index].detach().double().cpu().exp()
