@@ -19,6 +19,7 @@ from mtl_cli.weighting.famo import FastAdaptiveMultitaskOptimization
 from mtl_cli.weighting.gls import GeometricLossStrategy
 from mtl_cli.weighting.gradnorm import GradNorm
 from mtl_cli.weighting.rlw import RandomLossWeighting
+from mtl_cli.weighting.scale_invariant import ScaleInvariant
 from mtl_cli.weighting.stch import SmoothTchebycheff
 
 TASKS = ["seg", "depth", "cls"]
@@ -84,6 +85,28 @@ def test_gls_weights_are_the_geometric_mean_over_t_times_the_loss(present):
 def test_gls_weighted_loss_has_the_gradient_of_the_product_form(present):
     expected = _grad_of(lambda l: l.prod() ** (1 / len(l)), present)
     np.testing.assert_allclose(_weighted_grad(GeometricLossStrategy(TASKS), present), expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- scaleinvls
+
+
+@SUBSETS
+def test_scale_invariant_weighted_loss_has_the_gradient_of_the_sum_of_log_losses(present):
+    expected = _grad_of(lambda l: l.log().sum(), present)
+    np.testing.assert_allclose(_weighted_grad(ScaleInvariant(TASKS), present), expected, rtol=1e-12)
+
+
+def test_scale_invariant_is_invariant_to_rescaling_a_loss_and_guards_a_zero_loss():
+    losses = {"seg": torch.tensor(2.0, dtype=torch.float64, requires_grad=True),
+              "depth": torch.tensor(1e-6, dtype=torch.float64, requires_grad=True)}
+    weighting = ScaleInvariant(TASKS)
+    weighted = sum(w * losses[t] for t, w in weighting.weights(losses).items())
+    rescaled = {t: (1e4 if t == "depth" else 1.0) * loss for t, loss in losses.items()}
+    weighted_rescaled = sum(w * rescaled[t] for t, w in weighting.weights(rescaled).items())
+    (a,) = torch.autograd.grad(weighted, [losses["depth"]])
+    (b,) = torch.autograd.grad(weighted_rescaled, [losses["depth"]])
+    assert float(a) == pytest.approx(1e6, rel=1e-12) and float(b) == pytest.approx(float(a), rel=1e-12)
+    assert float(weighting.weights({"seg": torch.tensor(0.0)})["seg"]) == pytest.approx(1e8)
 
 
 # ---------------------------------------------------------------------------------------------------------- rlw

@@ -19,6 +19,7 @@ from mtl_cli.errors import UserError
 from mtl_cli.paths import config_dir
 from mtl_cli.weighting import solvers
 from mtl_cli.weighting.aligned_mtl import AlignedMTL, balance_transform
+from mtl_cli.weighting.conflict_free import ConFIG
 from mtl_cli.weighting.base import GradientWeighting
 from mtl_cli.weighting.db_mtl import DBMTL
 from mtl_cli.weighting.graddrop import GradDrop
@@ -418,6 +419,40 @@ def test_imtl_state_dict_round_trip_gives_the_same_next_coefficients():
 def test_imtl_rejects_an_unknown_mode():
     with pytest.raises(UserError, match="hybrid, gradient, loss"):
         IMTL(TASKS, mode="hybird")
+
+
+# ----------------------------------------------------------------------------------------------------- ConFIG
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_config_equals_torchjd(seed):
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    grads = _random(4, 9, seed=seed)
+    update, _ = _combine(ConFIG(TASKS + ["x"]), grads)
+    _close(update, aggregation.ConFIG()(grads), tol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+@pytest.mark.parametrize("seed", range(3))
+def test_config_gives_every_task_the_same_positive_cosine_with_badly_scaled_gradients(dtype, seed):
+    """ConFIG's defining property: cos(g_i, d) is the same for every task, with gradient norms over 1e-6..1e3 in
+    float32 as training runs it; and d's length is the sum of the gradients' projections on its direction."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(4, 200, dtype=F64, generator=generator)
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    grads = (directions * torch.tensor([1e3, 1.0, 1e-3, 1e-6], dtype=F64)[:, None]).to(dtype)
+    update, _ = _combine(ConFIG(TASKS + ["x"]), grads)
+    d = update.double()
+    cosines = directions @ d / d.norm()
+    assert float(cosines.min()) > 0
+    torch.testing.assert_close(cosines, cosines[0].expand(4), rtol=1e-4, atol=0)
+    assert float(d.norm()) == pytest.approx(float((grads.double() @ d / d.norm()).sum()), rel=1e-5)
+
+
+def test_config_is_zero_without_a_common_direction():
+    grads = torch.stack([CONFLICTING[0], -CONFLICTING[0]])  # opposite: no direction has equal positive cosines
+    update, _ = _combine(ConFIG(TASKS[:2]), grads)
+    _close(update, torch.zeros(4))
 
 
 # ------------------------------------------------------------------------------------------------ Aligned-MTL

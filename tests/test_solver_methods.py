@@ -17,6 +17,7 @@ from mtl_cli.build import build_weighting
 from mtl_cli.paths import config_dir
 from mtl_cli.weighting import solvers
 from mtl_cli.weighting.cagrad import CAGrad
+from mtl_cli.weighting.dualproj import DualProj
 from mtl_cli.weighting.fairgrad import FairGrad
 from mtl_cli.weighting.mgda import MGDA
 from mtl_cli.weighting.nash_mtl import NashMTL
@@ -192,6 +193,23 @@ def test_upgrad_equals_torchjd(tasks, dims, seed, scale):
     torch.testing.assert_close(ours, aggregation.UPGrad()(grads), atol=1e-5 * scale, rtol=1e-5)
     if scale < 1:
         torch.testing.assert_close(ours, grads.mean(0))
+
+
+@pytest.mark.parametrize("tasks,dims,seed", SHAPES)
+def test_dualproj_equals_torchjd_and_conflicts_with_no_task(tasks, dims, seed):
+    """DualProj projects the mean gradient once (UPGrad: each gradient, then sums): torchjd's DualProj solves the
+    same QP with quadprog; the update conflicts with no task up to the regularisation, as UPGrad's."""
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    grads = _grads(tasks, dims, seed)
+    c = _coefficients(DualProj(_names(tasks), norm_eps=1e-4), grads)
+    torch.testing.assert_close(c @ grads, aggregation.DualProj()(grads), atol=1e-5, rtol=1e-5)
+    c = _coefficients(DualProj(_names(tasks), reg_eps=1e-12), grads)
+    assert (grads @ (c @ grads) >= -1e-10 * (grads @ grads.T).trace()).all() and (c >= 1 / tasks - 1e-12).all()
+
+
+def test_dualproj_is_the_mean_when_no_gradients_conflict():
+    grads = _grads(4, 6, 30).abs()
+    assert torch.equal(_coefficients(DualProj(_names(4)), grads), torch.full((4,), 0.25, dtype=F64))
 
 
 # -------------------------------------------------------------------------------------------------------- CAGrad

@@ -17,16 +17,12 @@ from mtl_cli.weighting.base import GradientWeighting, Logs, Weighting
 MODES = ("hybrid", "gradient", "loss")
 
 
-def impartial_coefficients(gram: torch.Tensor, rtol: float) -> torch.Tensor | None:
-    """IMTL-G: the coefficients alpha, summing to 1, of the combination d = alpha @ G whose projections on the
-    unit rows u_t = g_t / |g_t| are all equal. With D = diag(|g|) and the cosine matrix C = D^-1 G G^T D^-1,
-    u_t . d = (C D alpha)_t, so D alpha is proportional to pinv(C) 1: the paper's closed form (with D = (g_1 - g_t)
-    and U = (u_1 - u_t)) when the rows are independent, extended to dependent rows.
-
-    The pseudo-inverse is taken of C, not of G G^T: its cut-off `rtol` then discards directions that are nearly
-    dependent, never a task whose gradient is merely small (on G G^T a task 2,000 times smaller than the largest
-    fell under T x float32 epsilon and was dropped, and the update then raised its loss). A zero gradient gets
-    alpha 0 (it has no direction to project on). None where the sum is 0 (no such combination)."""
+def equal_projections(gram: torch.Tensor, rtol: float) -> torch.Tensor:
+    """v such that y = v @ G projects equally, 1, on every unit row u_t = g_t / |g_t|: the least-norm solution
+    of U y = 1. With D = diag(|g|) and the cosine matrix C = D^-1 G G^T D^-1, u_t . y = (C D v)_t, so
+    v = D^-1 pinv(C) 1. The pseudo-inverse is taken of C, not of G G^T: its cut-off `rtol` then discards directions
+    that are nearly dependent, never a task whose gradient is merely small (on G G^T a task 2,000 times smaller
+    than the largest fell under T x float32 epsilon and was dropped). A zero gradient gets 0."""
     norms = gram.diagonal().clamp(min=0).sqrt()
     live = norms > 0
     v = torch.zeros_like(norms)
@@ -34,6 +30,15 @@ def impartial_coefficients(gram: torch.Tensor, rtol: float) -> torch.Tensor | No
         n = norms[live]
         cosines = gram[live][:, live] / (n[:, None] * n)
         v[live] = torch.linalg.pinv(cosines, rtol=rtol, hermitian=True) @ torch.ones_like(n) / n
+    return v
+
+
+def impartial_coefficients(gram: torch.Tensor, rtol: float) -> torch.Tensor | None:
+    """IMTL-G: the coefficients alpha, summing to 1, of the combination d = alpha @ G whose projections on the
+    unit rows are all equal: `equal_projections` normalised (the paper's closed form, with D = (g_1 - g_t) and
+    U = (u_1 - u_t), when the rows are independent; extended to dependent rows). None where the sum is 0 (no such
+    combination)."""
+    v = equal_projections(gram, rtol)
     total = v.sum()
     return None if total.abs() <= 1e-12 * v.abs().sum() else v / total
 

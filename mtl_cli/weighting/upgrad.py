@@ -39,7 +39,13 @@ class UPGrad(GradientWeighting):
         tasks, trace = gram.shape[0], gram.trace()
         gram = gram / trace if trace > 0 and trace >= self.norm_eps else torch.zeros_like(gram)
         eye = torch.eye(tasks, dtype=gram.dtype)
-        projections, failure = solvers.dual_cone_projections(gram + self.reg_eps * eye, eye / tasks, self.max_iters)
+        projections, failure = solvers.dual_cone_projections(gram + self.reg_eps * eye, self.projected(tasks),
+                                                             self.max_iters)
         if failure:
             self.solver_failed(failure)
         return projections.sum(0).to(grads)
+
+    @staticmethod
+    def projected(tasks: int) -> torch.Tensor:
+        """The weightings of G whose projections onto the dual cone are summed: each task's gradient, 1/T each."""
+        return torch.eye(tasks, dtype=torch.float64) / tasks
