@@ -26,7 +26,7 @@ from test_cli import TINY, ok, run_dirs, scalar_tags
 
 SIZE = 32
 TASKS = ["segmentation", "count"]
-ARCHITECTURES = ["stl", "mtan", "cross_stitch", "mmoe"]
+ARCHITECTURES = ["stl", "mtan", "cross_stitch", "mmoe", "cgc"]
 BACKBONES = sorted(p.stem for p in (config_dir() / "backbone").glob("*.yaml"))
 # The default run: every architecture on NCHW maps of several stages (small_cnn); cross-stitch, the one that runs
 # the stages itself, on the other two layouts a stage can pass on, NHWC maps (Swin) and tokens (ViT); the
@@ -69,6 +69,20 @@ def test_every_architecture_runs_forward_and_backward_on_every_backbone(architec
         plain = model(image)
         cut_again = model.decode(model.encode(image), image.shape[-2:])
     torch.testing.assert_close(plain["segmentation"], cut_again["segmentation"])
+
+
+def test_cgc_gates_mix_shared_and_own_experts_and_a_task_never_reaches_anothers():
+    model, _ = build("architecture=cgc", "architecture.experts=2", "architecture.task_experts=2")
+    stages = len(model.backbone.channels)
+    assert model.gates["segmentation"].out_features == 4  # 2 shared + 2 of its own
+    assert [sorted(e) for e in model.own_experts["segmentation"]] == [[str(j) for j in range(stages)]] * 2
+    assert [sorted(e) for e in model.own_experts["count"]] == [[str(stages - 1)]] * 2  # its head reads the coarsest
+    cut, outputs = step(model.train(), torch.rand(2, 3, SIZE, SIZE))
+    outputs["count"].mean().backward()
+    cut.backward_trunk()
+    assert all(p.grad is None for p in model.own_experts["segmentation"].parameters())
+    assert all(p.grad is not None and p.grad.any() for p in model.own_experts["count"].parameters())
+    assert all(p.grad is not None for e in model.experts for p in e[stages - 1].parameters())  # shared, read
 
 
 def test_stl_trains_one_separate_network_per_task():

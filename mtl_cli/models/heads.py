@@ -42,6 +42,8 @@ class PooledHead(nn.Module):
     """A per-image head (classification, multilabel, count): global average and max pooling of the coarsest map,
     concatenated, then an MLP. (Max pooling keeps what one object shows strongly, which averaging dilutes.)"""
 
+    coarsest_only = True  # reads features[-1] alone: architectures need not build the other stages for it
+
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], out_channels: int, hidden: int = 128,
                  dropout: float = 0.0):
         super().__init__()
@@ -59,6 +61,8 @@ class LandmarkHead(nn.Module):
     The coarsest map is average-pooled to a ``grid`` x ``grid`` layout rather than to one vector, so that where
     things are survives the pooling (a global pool is blind to position); the flattened grid feeds an MLP.
     """
+
+    coarsest_only = True  # reads features[-1] alone: architectures need not build the other stages for it
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_points: int, grid: int = 4,
                  hidden: int = 256, dropout: float = 0.0):
@@ -82,6 +86,8 @@ class EmbeddingHead(nn.Module):
     argmax, verification compares embeddings.
     """
 
+    coarsest_only = True  # reads features[-1] alone: architectures need not build the other stages for it
+
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int, dim: int = 64,
                  hidden: int = 128, dropout: float = 0.0):
         super().__init__()
@@ -102,6 +108,8 @@ class ASPPHead(nn.Module):
     by 8/s (6, 12, 18 at 16, DeepLab's own choice there), so that the head sees the same image context whatever
     the backbone's stride. `width` is the ASPP's channel count (256 in DeepLab).
     """
+
+    coarsest_only = True  # reads features[-1] alone: architectures need not build the other stages for it
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], out_channels: int, width: int = 256,
                  rates: Sequence[int] = (12, 24, 36), normalize: bool = False):
