@@ -80,10 +80,11 @@ def prepare(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> Run:
 def open_run_dir(cfg: DictConfig, run_dir: Path, state: TrainState, train_set, device: torch.device) -> Logger:
     """The run dir's resolved config, and the configured logger with the config and the model summary."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(resolved)
     logger: Logger = call(instantiate(cfg.logger, "logger"), "logger", run_dir=run_dir,
                           config=OmegaConf.to_container(cfg, resolve=True))
-    logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
+    logger.text("config", "```yaml\n" + resolved + "\n```")
     log.info(f"run dir: {run_dir}\ndevice: {device}, tasks: {', '.join(state.tasks)}, weighting: "
              f"{type(state.weighting).__name__}")
     log_summary(state.model, input_size(train_set), cfg, logger)

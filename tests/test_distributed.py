@@ -105,6 +105,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_back_as_a_straight_run(two
 CLI = [*SIZE, "trainer.max_epochs=1", "trainer.progress=none", "logger=console"]
 
 
+@pytest.mark.slow  # 25 s; the default run launches two ranks through the same launcher for the equivalence cases
 def test_mtl_train_on_two_processes_writes_one_run_dir_that_one_process_resumes(mtl_main, tmp_path):
     ran = mtl_main("train", *CLI, "trainer.devices=2", "hydra.run.dir=two")
     assert ran.status == 0, ran

@@ -129,6 +129,7 @@ def test_a_study_that_would_search_the_wrong_way_is_refused_before_any_trial(mtl
     assert not list((tmp_path / "sweep").glob("*/.hydra"))
 
 
+@pytest.mark.slow  # the default run checks failed jobs in any sweep (test_sweep_failures) and the preset's failure rate
 def test_failed_trials_are_recorded_and_the_study_goes_on(mtl_main, tmp_path, monkeypatch):
     calls = []
 

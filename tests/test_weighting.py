@@ -283,6 +283,7 @@ def test_dwa_state_dict_round_trip(saved_after_steps):
     assert _floats(fresh.weights(probe)) == _floats(weighting.weights(probe))
 
 
+@pytest.mark.slow  # test_configs builds every weighting option in the default run; this also probes its weights
 def test_every_weighting_option_is_a_weighting_that_builds_from_its_config():
     """A new weighting config gets built and gives one positive weight per present task."""
     options = sorted(p.stem for p in (config_dir() / "weighting").glob("*.yaml"))

@@ -4,6 +4,7 @@ and export)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -50,10 +51,15 @@ class TrainState:
     skipped_steps: int = 0
     writes: bool = True  # False on the ranks other than 0 of several processes: their `save` writes nothing
 
+    @functools.cached_property
+    def config_text(self) -> str:
+        """The config as every checkpoint of the run stores it (it does not change during a run: written once)."""
+        return OmegaConf.to_yaml(self.cfg)
+
     def checkpoint(self) -> dict[str, Any]:
         """Everything an exact resume needs, in types that torch.load(weights_only=True) reads. The config is kept
         unresolved, so that an override on resume (trainer.max_epochs=...) reaches what interpolates it."""
-        return {"config": OmegaConf.to_yaml(self.cfg), "model": self.model.state_dict(),
+        return {"config": self.config_text, "model": self.model.state_dict(),
                 "weighting": self.weighting.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
                 **{key: getattr(self, key) for key in COUNTERS}}
