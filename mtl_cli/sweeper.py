@@ -46,10 +46,10 @@ class Study(OptunaSweeper):
 
         logging.getLogger("alembic").setLevel(logging.WARNING)  # Optuna's SQLite schema set-up, line by line
         impl = self.sweeper
-        impl.direction = study_directions(self.config, impl.direction)
+        impl.direction = study_directions(impl.config, impl.direction)
         self.spaces = {key: {option: distributions(space, f"hydra.sweeper.conditional.{key}.{option}")
                              for option, space in options.items()} for key, options in self.conditional.items()}
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir = Path(str(impl.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)  # SQLite makes no folders
         study = existing_study(impl.study_name, impl.storage)
         if study is not None:
@@ -70,10 +70,6 @@ class Study(OptunaSweeper):
             if done or "completed" not in str(e):
                 raise
             log.warning("no trial of the study completed: no best parameters to report")
-
-    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
-        self.config = config
-        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def suggest_conditional(self, config: DictConfig, trial) -> None:
         """The parameters that belong to the option the trial chose, e.g. weighting.c for weighting=cagrad (the

@@ -9,7 +9,7 @@ only the trunk's maps and belong to `decode`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -55,10 +55,6 @@ class CGC(MMoE):
                 mixed[j] = (gate * torch.stack(candidates, dim=1)).sum(1)
             outputs[task] = head(mixed, size)
         return outputs
-
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        yield from self.backbone.parameters()
-        yield from self.experts.parameters()
 
     def parts(self) -> dict[str, list[nn.Module]]:
         return {"shared": [self.backbone, self.experts],
