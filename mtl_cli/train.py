@@ -3,6 +3,8 @@ checkpoint; the loop below only says what happens in what order."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from mtl_cli.errors import UserError
 from mtl_cli.models.summary import input_size, log_summary
 from mtl_cli.runtime import autocast, pick_device, seed_everything
 from mtl_cli.schema import check_config
+from mtl_cli.weighting.gradients import FeatureCut
 
 log = logging.getLogger("mtl")
 
@@ -115,9 +118,10 @@ def train_batches(run: Run, batches, length: int) -> None:
     state, cfg = run.state, run.state.cfg
     state.model.train()
     state.weighting.train()
-    for batch in batches:
-        state.batch += 1
-        train_step(run, batch)
+    for group in steps_of(batches, state.weighting.batches_per_step):
+        state.batch += len(group)
+        if len(group) == state.weighting.batches_per_step:  # an epoch's last, short group would lack a sample
+            train_step(run, *group)
         received = run.ranks.agree(run.stops.received)  # every rank stops after the same step
         if received is not None:
             run.stops.received = received
@@ -129,23 +133,20 @@ def train_batches(run: Run, batches, length: int) -> None:
             break
 
 
-def train_step(run: Run, batch: dict) -> None:
+def train_step(run: Run, batch: dict, *samples: dict) -> None:
     """One optimizer step on `batch`: forward through the feature cut, the weighting fills the gradients, the
-    optimizer steps unless a loss or gradient is not finite (engine/nonfinite.py)."""
+    optimizer steps unless a loss or gradient is not finite (engine/nonfinite.py). `samples`: the independent
+    batches a weighting asks for besides (`batches_per_step`), whose losses it computes when it needs them."""
     state, cfg = run.state, run.state.cfg
-    run.check_targets(batch)
-    batch = to_device(batch, run.device)
-    with autocast(cfg.trainer.precision, run.device):
-        outputs, cut = state.model.forward_cut(batch["image"])  # heads read leaf copies: see models/base.py
-        losses = {name: task.loss(*task.select(outputs[name], batch))
-                  for name, task in state.tasks.items() if task.has_target(batch)}
-    losses = run.ranks.losses(losses, state.tasks, outputs, batch)  # several processes: the global batch's means
+    batch = to_device(run.check_targets(batch), run.device)
+    outputs, losses, cut = forward(run, batch)
     if not losses:  # no sample of this batch has a label of any task: nothing to learn from it
         return
     state.optimizer.zero_grad(set_to_none=True)
     logged = (state.step + 1) % run.logger.log_every == 0
+    probes = [functools.partial(sample_losses, run, sample) for sample in samples]
     logs = state.weighting.backward(losses, state.model, state.scaler, cut, log_grads=logged,
-                                    measure=logged and bool(cfg.trainer.log_grad_conflicts))
+                                    measure=logged and bool(cfg.trainer.log_grad_conflicts), samples=probes)
     del outputs, cut  # the step's graph goes now, not after the next forward
     run.ranks.average_grads(p for group in state.optimizer.param_groups for p in group["params"])
     norm = gradient_norm(state, cfg.trainer.grad_clip)  # clipped to trainer.grad_clip if set
@@ -153,6 +154,7 @@ def train_step(run: Run, batch: dict) -> None:
         return
     state.scaler.step(state.optimizer)
     state.scaler.update()
+    state.weighting.after_step(functools.partial(losses_after_step, run, batch))
     state.step += 1
     run.meter.add(logs, losses, len(batch["image"]) * run.ranks.world)
     info = None
@@ -162,6 +164,35 @@ def train_step(run: Run, batch: dict) -> None:
         run.logger.scalars(scalars, state.step)
         info = {tag.removeprefix("train/loss/"): v for tag, v in scalars.items() if tag.startswith("train/loss/")}
     run.progress.advance(state.step, info)
+
+
+def forward(run: Run, batch: dict) -> tuple[dict, dict, FeatureCut]:
+    """(outputs, the loss of each task with targets in `batch`, the feature cut) on a batch already on the device.
+    The model names its tasks' losses (an architecture with intermediate predictions adds their losses)."""
+    state = run.state
+    with autocast(state.cfg.trainer.precision, run.device):
+        outputs, cut = state.model.forward_cut(batch["image"])  # heads read leaf copies: see models/base.py
+        losses = state.model.task_losses(state.tasks, outputs, batch)
+    return outputs, run.ranks.losses(losses, state.tasks, outputs, batch), cut  # ranks: the global batch's means
+
+
+def sample_losses(run: Run, sample: dict) -> tuple[dict, FeatureCut]:
+    """A weighting's independent sample: its task losses and feature cut, computed when the weighting asks."""
+    _, losses, cut = forward(run, to_device(run.check_targets(sample), run.device))
+    return losses, cut
+
+
+@torch.no_grad()
+def losses_after_step(run: Run, batch: dict) -> dict:
+    """The task losses on the step's batch with the updated weights, for a weighting that learns from them."""
+    return {name: loss.detach().float() for name, loss in forward(run, batch)[1].items()}
+
+
+def steps_of(batches, size: int):
+    """The batches in groups of `size`: one optimizer step each."""
+    iterator = iter(batches)
+    while group := list(itertools.islice(iterator, size)):
+        yield group
 
 
 def end_epoch(run: Run) -> None:

@@ -52,13 +52,14 @@ class Run:
     def last(self) -> Path:
         return self.run_dir / "checkpoints" / "last.pt"
 
-    def check_targets(self, batch: dict) -> None:
+    def check_targets(self, batch: dict) -> dict:
         """The tasks' targets are in the data and fit them: checked once per set of tasks present in a batch (one
-        set, or one per member of data=multi)."""
+        set, or one per member of data=multi). Returns the batch."""
         present = frozenset(name for name, task in self.state.tasks.items() if task.has_target(batch))
         if present not in self.checked:
             check_batch(self.state.tasks, batch, several=self.state.cfg.data.get("members") is not None)
             self.checked.add(present)
+        return batch
 
     def stop(self) -> None:
         """A scheduler asked the run to stop (SIGTERM, SIGUSR1, SIGUSR2): the step is done; write last.pt and say

@@ -56,6 +56,13 @@ class MultiTaskModel(nn.Module, ABC):
         cut = FeatureCut(self.encode(image.contiguous(memory_format=self.memory_format)))
         return self.decode(cut.leaves, image.shape[-2:]), cut
 
+    def task_losses(self, tasks: Mapping, outputs: Mapping, batch: Mapping) -> dict[str, torch.Tensor]:
+        """The training loss of each task with targets in `batch`, from the outputs of `forward_cut`. An
+        architecture whose decode also makes intermediate predictions adds their (deep-supervision) losses to
+        their task's here."""
+        return {name: task.loss(*task.select(outputs[name], batch))
+                for name, task in tasks.items() if task.has_target(batch)}
+
     def check_contract(self, size: int | None = None) -> None:
         """Raises UserError if decode reaches a trunk parameter, or if a parameter of decode serves two or more
         tasks without being declared in `decode_shared_parameters()`.

@@ -15,7 +15,7 @@ State that must survive a resume lives in parameters and buffers, so the weighti
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from mtl_cli.weighting import gradients
 log = logging.getLogger("mtl")
 
 Logs = dict[str, torch.Tensor]
+Sample = Callable[[], tuple[dict[str, torch.Tensor], "gradients.FeatureCut"]]  # another batch's losses and cut
 
 
 class Weighting(nn.Module):
@@ -33,6 +34,8 @@ class Weighting(nn.Module):
 
     `losses` maps task name -> scalar loss, for the tasks that have targets in this batch (a subset of `tasks`).
     """
+
+    batches_per_step = 1  # independent batches of the epoch each step reads: the loop draws them (MoDo, SDMGrad)
 
     def __init__(self, tasks: Sequence[str]):
         super().__init__()
@@ -48,12 +51,15 @@ class Weighting(nn.Module):
         return 0.0
 
     def backward(self, losses: dict[str, torch.Tensor], model: nn.Module, scaler: torch.amp.GradScaler,
-                 cut: gradients.FeatureCut | None = None, log_grads: bool = False, measure: bool = False) -> Logs:
+                 cut: gradients.FeatureCut | None = None, log_grads: bool = False, measure: bool = False,
+                 samples: Sequence[Sample] = ()) -> Logs:
         """Fills `.grad` (scaled for fp16) and returns what to log: `train/weight/<task>` and, when the
         gradients were computed and `log_grads` is set, `grad/norm/<task>` and `grad/cos/<a>-<b>`.
 
-        `cut`: the shared representation the model computed (`model.encode`), cut from the heads' graph; `measure` asks a loss-based
-        method to compute the per-task gradients anyway (exactly the same update, T backward passes)."""
+        `cut`: the shared representation the model computed (`model.encode`), cut from the heads' graph; `measure`
+        asks a loss-based method to compute the per-task gradients anyway (exactly the same update, T backward
+        passes); `samples`: the `batches_per_step - 1` other batches of the step, each computing its losses and cut
+        when called."""
         weights = self.weights(losses)
         logs = {f"train/weight/{t}": w.detach() for t, w in weights.items()}
         if not measure:
@@ -71,6 +77,10 @@ class Weighting(nn.Module):
         jacobian.apply(coefficients @ jacobian.matrix, coefficients)
         logs.update(gradient_stats(jacobian.matrix, list(losses)))
         return logs
+
+    def after_step(self, losses_now: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Called after each optimizer step; `losses_now()` computes the step batch's task losses with the updated
+        weights (an extra forward pass, so only a method that learns from them calls it: FAMO's same_batch)."""
 
     def epoch_end(self) -> None:
         """Called after every training epoch, for methods that adapt per epoch."""
@@ -114,10 +124,11 @@ class GradientWeighting(Weighting):
         losses and `index` the position in `self.tasks` of each row (the tasks present this step)."""
         raise NotImplementedError
 
-    def combine(self, grads: torch.Tensor, losses: torch.Tensor, index: list[int]
+    def combine(self, grads: torch.Tensor, losses: torch.Tensor, index: list[int], *samples: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the update [P], the weights to log [T']). Methods whose update is not a combination of the rows
-        (GradDrop, DB-MTL's averaged gradients) override this."""
+        (GradDrop, DB-MTL's averaged gradients) override this, and so do methods that read the task gradients of
+        independent batches (`samples`, each [T', P] in the rows' order, given when `batches_per_step` > 1)."""
         coefficients = self.aggregate(grads, losses, index)
         return coefficients.to(grads.dtype) @ grads, coefficients
 
@@ -137,7 +148,8 @@ class GradientWeighting(Weighting):
         return {t: self.last_weights[self.tasks.index(t)] for t in losses}
 
     def backward(self, losses: dict[str, torch.Tensor], model: nn.Module, scaler: torch.amp.GradScaler,
-                 cut: gradients.FeatureCut | None = None, log_grads: bool = False, measure: bool = False) -> Logs:
+                 cut: gradients.FeatureCut | None = None, log_grads: bool = False, measure: bool = False,
+                 samples: Sequence[Sample] = ()) -> Logs:
         names = list(losses)
         index = [self.tasks.index(t) for t in names]
         refresh = int(self.steps) % self.grad_every == 0
@@ -148,8 +160,9 @@ class GradientWeighting(Weighting):
                                              ranks=self.ranks)
         values = torch.stack([losses[t].detach().float() for t in names])
         self.loss_scale = jacobian.scale
-        if jacobian.finite():
-            update, weights = self.combine(jacobian.matrix, values, index)
+        others = [self.sample_gradients(sample, names, model, scaler) for sample in samples]
+        if jacobian.finite() and all(torch.isfinite(other).all() for other in others):
+            update, weights = self.combine(jacobian.matrix, values, index, *others)
             weights = weights.detach().float()
         else:  # an fp16 overflow: hand the non-finite sum on, so that the GradScaler skips this step
             update, weights = jacobian.matrix.sum(0), self.last_weights[index].float()
@@ -161,6 +174,21 @@ class GradientWeighting(Weighting):
             logs.update(gradient_stats(jacobian.matrix, names))
             logs["grad/solver_failures"] = self.solver_failures.float()
         return logs
+
+
+    def sample_gradients(self, sample: Sample, names: list[str], model: nn.Module,
+                         scaler: torch.amp.GradScaler) -> torch.Tensor:
+        """The task-gradient matrix of another batch, in the rows' order (`names`); a task without targets in
+        that batch gets a zero row. Only its matrix is kept: its graph goes before the next sample's forward."""
+        losses, cut = sample()
+        present = [t for t in names if t in losses]
+        matrix = gradients.task_gradients([losses[t] for t in present], model, cut, self.grad_target, scaler,
+                                          ranks=self.ranks).matrix
+        if len(present) == len(names):
+            return matrix
+        rows = matrix.new_zeros(len(names), matrix.shape[1])
+        rows[[names.index(t) for t in present]] = matrix
+        return rows
 
 
 def gradient_stats(grads: torch.Tensor, names: list[str]) -> Logs:

@@ -78,7 +78,7 @@ class IMTL(GradientWeighting):
         return -sum(self.log_scales[self.tasks.index(t)] for t in losses)
 
     def backward(self, losses: dict[str, torch.Tensor], model: nn.Module, scaler: torch.amp.GradScaler,
-                 features=None, log_grads: bool = False, measure: bool = False) -> Logs:
+                 features=None, log_grads: bool = False, measure: bool = False, samples=()) -> Logs:
         if self.mode == "loss":
             return Weighting.backward(self, losses, model, scaler, features, log_grads, measure)
         if self.mode == "hybrid":
