@@ -64,6 +64,7 @@ def prepare(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> Run:
         raise UserError(f"the train split has {len(train_set)} samples, fewer than data.batch_size="
                         f"{cfg.data.batch_size}: no full batch, so no training step. Lower data.batch_size")
     state = build_state(cfg, device, ranks)
+    check_batches_per_step(cfg, state, len(train_loader))
     if checkpoint is not None:
         state.restore(checkpoint)
         log.info(f"resumed from {cfg.resume} at epoch {state.epoch}, step {state.step}"
@@ -78,6 +79,17 @@ def prepare(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> Run:
     return Run(state, device, logger, run_dir, train_loader, val_loader, monitor, delta, saves, objectives, ranks=ranks,
                progress=EpochProgress(cfg.trainer.progress if ranks.main else "none"),
                nonfinite=NonFinitePolicy(cfg.trainer.nonfinite, cfg.trainer.nonfinite_patience))
+
+
+def check_batches_per_step(cfg: DictConfig, state: TrainState, batches: int) -> None:
+    """A weighting that reads several independent batches per step (MoDo, SDMGrad) needs an epoch of that many."""
+    limit = cfg.trainer.limit_train_batches
+    batches = batches if limit is None else min(batches, int(limit))
+    needed = state.weighting.batches_per_step
+    if batches < needed:
+        raise UserError(f"weighting {type(state.weighting).__name__} reads {needed} independent batches per step, "
+                        f"but an epoch has {batches} (trainer.limit_train_batches={limit}, data.batch_size="
+                        f"{cfg.data.batch_size}): allow at least {needed} batches per epoch")
 
 
 def open_run_dir(cfg: DictConfig, run_dir: Path, state: TrainState, train_set, device: torch.device) -> Logger:

@@ -19,6 +19,8 @@ OPTIONS = sorted(p.stem for p in (config_dir() / "weighting").glob("*.yaml"))
 # sweeps them all.
 SAMPLE = ["uw", "pcgrad"]
 STEPS = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "logger.log_every=1"]
+# two steps of every method, also of those that read three batches per step (MoDo, SDMGrad)
+TWO_STEPS = [*STEPS, "data.batch_size=8", "trainer.limit_train_batches=6", "trainer.max_steps=2"]
 
 
 def is_gradient_method(option: str) -> bool:
@@ -28,7 +30,7 @@ def is_gradient_method(option: str) -> bool:
 
 @pytest.mark.parametrize("swept", [SAMPLE, pytest.param(OPTIONS, marks=pytest.mark.slow)], ids=["sample", "all"])
 def test_one_sweep_trains_every_weighting_and_logs_its_weights(mtl_main, tmp_path, swept):
-    ok(mtl_main("train", "-m", f"weighting={','.join(swept)}", *TINY, *STEPS))  # in tmp_path
+    ok(mtl_main("train", "-m", f"weighting={','.join(swept)}", *TINY, *TWO_STEPS))  # in tmp_path
     dirs = run_dirs(tmp_path / "multirun")
     assert len(dirs) == len(swept)
     for run_dir in dirs:

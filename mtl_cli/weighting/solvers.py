@@ -26,12 +26,14 @@ TIE = 1e-12  # candidates this close to the least objective, relative to the siz
 F64 = torch.float64
 
 
-def gramian(grads: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
-    """G G^T in float64 on the CPU, accumulated over column chunks (no float64 copy of G, and no TF32)."""
+def gramian(grads: torch.Tensor, other: torch.Tensor | None = None, chunk: int = 1 << 20) -> torch.Tensor:
+    """G G^T (or G H^T, H = `other`, the rows of another batch) in float64 on the CPU, accumulated over column
+    chunks (no float64 copy of G, and no TF32)."""
     gram = torch.zeros(grads.shape[0], grads.shape[0], dtype=F64, device=grads.device)
-    for part in grads.split(chunk, dim=1):
+    others = grads.split(chunk, dim=1) if other is None else other.split(chunk, dim=1)
+    for part, right in zip(grads.split(chunk, dim=1), others):
         part = part.to(F64)
-        gram += part @ part.T
+        gram += part @ (part if other is None else right.to(F64)).T
     return gram.cpu()
 
 
@@ -53,11 +55,11 @@ def min_norm_point(gram: torch.Tensor, max_iters: int = 10_000) -> tuple[torch.T
     else:
         def polish(x):
             exact = _simplex_kkt(a, (x > 0)[None].to(F64), _unit(tasks), least_squares=True)[0, :, 0]
-            return _certified([_onto_simplex(exact.nan_to_num(-1.0)), x], lambda p: _simplex_gap(a, p))
+            return _certified([project_to_simplex(exact.nan_to_num(-1.0)), x], lambda p: _simplex_gap(a, p))
 
-        c, _ = _fista(lambda x: x @ a @ x, lambda x: 2 * a @ x, _onto_simplex,
+        c, _ = _fista(lambda x: x @ a @ x, lambda x: 2 * a @ x, project_to_simplex,
                       torch.full((tasks,), 1 / tasks, dtype=F64), polish, max_iters)
-    c = _onto_simplex(c) if c is not None else torch.full((tasks,), 1 / tasks, dtype=F64)
+    c = project_to_simplex(c) if c is not None else torch.full((tasks,), 1 / tasks, dtype=F64)
     return c, _check("the min-norm point's duality gap", _simplex_gap(a, c))
 
 
@@ -142,11 +144,11 @@ def cagrad_dual(gram: torch.Tensor, c: float, max_iters: int = 10_000) -> tuple[
 
         def polish(x):
             exact = _least(*_cagrad_candidates(a, b, phi, (x > 0)[None].to(F64), least_squares=True))
-            return _certified([x] if exact is None else [_onto_simplex(exact), x],
+            return _certified([x] if exact is None else [project_to_simplex(exact), x],
                               lambda p: _cagrad_gap(a, b, phi, p))
 
-        w, _ = _fista(objective, grad, _onto_simplex, torch.full((tasks,), 1 / tasks, dtype=F64), polish, max_iters)
-    w = _onto_simplex(w) if w is not None else torch.full((tasks,), 1 / tasks, dtype=F64)
+        w, _ = _fista(objective, grad, project_to_simplex, torch.full((tasks,), 1 / tasks, dtype=F64), polish, max_iters)
+    w = project_to_simplex(w) if w is not None else torch.full((tasks,), 1 / tasks, dtype=F64)
     return w, _check("the CAGrad duality gap", _cagrad_gap(a, b, phi, w))
 
 
@@ -282,7 +284,7 @@ def _least(points, values, sizes):
     return points[values <= values[best] + TIE * torch.maximum(sizes, sizes[best])].mean(0)
 
 
-def _onto_simplex(x):
+def project_to_simplex(x):
     """Euclidean projection onto the probability simplex (Held, Wolfe and Crowder 1974)."""
     ordered = x.sort(descending=True).values
     excess = ordered.cumsum(0) - 1
