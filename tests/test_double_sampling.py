@@ -87,7 +87,8 @@ def test_resuming_modo_gives_the_uninterrupted_run(mtl_main, tmp_path):
     ok(mtl_main("train", *args, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'short'}"))
     ok(mtl_main("train", f"resume={tmp_path / 'short' / 'checkpoints' / 'last.pt'}", "trainer.max_epochs=2",
                 f"hydra.run.dir={tmp_path / 'resumed'}"))
-    a, b = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True) for run in ("straight", "resumed"))
+    a, b = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
+            for run in ("straight", "resumed"))
     assert a["step"] == b["step"] == 4
     for part in ("weighting", "model"):
         for name, tensor in a[part].items():

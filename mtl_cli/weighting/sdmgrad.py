@@ -32,7 +32,8 @@ class SDMGrad(GradientWeighting):
     def __init__(self, tasks: Sequence[str], grad_target: str = "params", lambda_: float = 0.3,
                  iterations: int = 20, lr: float = 10.0, momentum: float = 0.5):
         super().__init__(tasks, grad_target)
-        self.lambda_, self.iterations, self.lr, self.momentum = float(lambda_), int(iterations), float(lr), float(momentum)
+        self.lambda_, self.iterations = float(lambda_), int(iterations)
+        self.lr, self.momentum = float(lr), float(momentum)
         self.register_buffer("simplex_weights", torch.full((len(self.tasks),), 1 / len(self.tasks),
                                                            dtype=torch.float64))
 

@@ -147,7 +147,8 @@ def cagrad_dual(gram: torch.Tensor, c: float, max_iters: int = 10_000) -> tuple[
             return _certified([x] if exact is None else [project_to_simplex(exact), x],
                               lambda p: _cagrad_gap(a, b, phi, p))
 
-        w, _ = _fista(objective, grad, project_to_simplex, torch.full((tasks,), 1 / tasks, dtype=F64), polish, max_iters)
+        start = torch.full((tasks,), 1 / tasks, dtype=F64)
+        w, _ = _fista(objective, grad, project_to_simplex, start, polish, max_iters)
     w = project_to_simplex(w) if w is not None else torch.full((tasks,), 1 / tasks, dtype=F64)
     return w, _check("the CAGrad duality gap", _cagrad_gap(a, b, phi, w))
 
