@@ -483,3 +483,27 @@ def test_every_new_weighting_builds_from_its_config_with_the_papers_defaults(opt
     weights = weighting.weights({"segmentation": torch.tensor(1.5), "depth": torch.tensor(0.5)})
     assert set(weights) == {"segmentation", "depth"} and all(float(w) > 0 for w in weights.values())
     assert set(weighting.state_dict()) == set(cls(["segmentation", "depth"]).state_dict())
+
+
+def test_famo_same_batch_learns_from_the_step_batch_after_the_update():
+    """The official variant: the logits step on (losses before, losses on the same batch after the update), and
+    the next step's losses (another batch) are not compared with this one's."""
+    weighting = FastAdaptiveMultitaskOptimization(TASKS, update="same_batch")
+    weighting.train()
+    reference = OfficialFAMO(len(TASKS), 0.025, 0.01)
+    asked = []
+    for before, after in zip(STEPS, STEPS[1:]):
+        weights = weighting.weights(_famo_losses(before))
+        z = torch.softmax(reference.w.detach(), -1).numpy()  # the weights use the logits before this step's update
+        np.testing.assert_allclose(_floats(weights), z / (np.sum(z / np.array(before)) * np.array(before)), rtol=1e-5)
+        weighting.after_step(lambda after=after: asked.append(1) or _famo_losses([v * 0.9 for v in after]))
+        reference.update(torch.tensor(before), torch.tensor([v * 0.9 for v in after]))
+        np.testing.assert_allclose(weighting.logits.numpy(), reference.w.detach().numpy(), rtol=1e-5, atol=1e-7)
+    assert len(asked) == len(STEPS) - 1 and int(weighting.adam_steps) == len(STEPS) - 1
+
+
+def test_famo_next_batch_does_not_ask_for_the_losses_after_the_step():
+    weighting = FastAdaptiveMultitaskOptimization(TASKS)
+    weighting.after_step(lambda: pytest.fail("an extra forward pass"))
+    with pytest.raises(UserError, match="update='same_bach' is not one of next_batch, same_batch"):
+        FastAdaptiveMultitaskOptimization(TASKS, update="same_bach")
