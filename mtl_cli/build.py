@@ -90,8 +90,17 @@ def build_model(cfg: DictConfig, tasks: dict[str, Task]) -> MultiTaskModel:
     return model
 
 
-def build_weighting(cfg: DictConfig, tasks: dict[str, Task]) -> Weighting:
-    return instantiate(cfg.weighting, "weighting", tasks=list(tasks))
+def build_weighting(cfg: DictConfig, tasks: dict[str, Task], model: nn.Module | None = None) -> Weighting:
+    """The weighting of `cfg`; `weighting.groups` (gradient methods) splits `model`'s shared parameters into the
+    groups it aggregates separately."""
+    options, groups = cfg.weighting, "whole"
+    if isinstance(options, DictConfig) and "groups" in options:
+        groups = str(options.groups)
+        options = OmegaConf.masked_copy(options, [key for key in options if key != "groups"])
+    weighting = instantiate(options, "weighting", tasks=list(tasks))
+    if groups != "whole" or model is not None:
+        weighting.group_by(groups, model)
+    return weighting
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, weighting: Weighting) -> torch.optim.Optimizer:

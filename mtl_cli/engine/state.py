@@ -115,7 +115,7 @@ def build_state(cfg: DictConfig, device: torch.device, ranks: Alone | None = Non
     if cfg.trainer.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
         model.memory_format = torch.channels_last
-    weighting = build_weighting(cfg, tasks).to(device)
+    weighting = build_weighting(cfg, tasks, model).to(device)
     if cfg.trainer.get("compile"):
         compile_parts(model, trunk=compiles_trunk(cfg, weighting))
     weighting.ranks = ranks

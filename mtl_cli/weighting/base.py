@@ -14,6 +14,7 @@ State that must survive a resume lives in parameters and buffers, so the weighti
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from mtl_cli.errors import UserError
-from mtl_cli.weighting import gradients
+from mtl_cli.weighting import gradients, groups
 
 log = logging.getLogger("mtl")
 
@@ -78,6 +79,12 @@ class Weighting(nn.Module):
         logs.update(gradient_stats(jacobian.matrix, list(losses)))
         return logs
 
+    def group_by(self, level: str, model: nn.Module | None) -> None:
+        """`weighting.groups`: a loss-based method has no per-task gradients to aggregate by groups."""
+        if level != "whole":
+            raise UserError(f"weighting.groups={level}: {type(self).__name__} weighs the losses, so there are no task "
+                            "gradients to aggregate by groups; groups apply to gradient methods (e.g. weighting=pcgrad)")
+
     def after_step(self, losses_now: Callable[[], dict[str, torch.Tensor]]) -> None:
         """Called after each optimizer step; `losses_now()` computes the step batch's task losses with the updated
         weights (an extra forward pass, so only a method that learns from them calls it: FAMO's same_batch)."""
@@ -117,6 +124,7 @@ class GradientWeighting(Weighting):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("solver_failures", torch.zeros((), dtype=torch.long))
         self._warned = False
+        self.parts, self.columns = nn.ModuleList(), []  # weighting.groups: one copy of the method per group
         self.loss_scale = 1.0  # the step's GradScaler scale, for methods that write their own parameters' .grad
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor, index: list[int]) -> torch.Tensor:
@@ -131,6 +139,32 @@ class GradientWeighting(Weighting):
         independent batches (`samples`, each [T', P] in the rows' order, given when `batches_per_step` > 1)."""
         coefficients = self.aggregate(grads, losses, index)
         return coefficients.to(grads.dtype) @ grads, coefficients
+
+    def group_by(self, level: str, model: nn.Module | None) -> None:
+        """Aggregates each group of `model`'s shared parameters (weighting/groups.py) separately, each with a copy
+        of this method and of its state (GradVac's targets are then per group, as in its paper)."""
+        if level not in groups.LEVELS:
+            raise UserError(f"weighting.groups={level!r} is not one of {', '.join(groups.LEVELS)}")
+        if level == "whole":
+            return
+        if self.grad_target != "params":
+            raise UserError(f"weighting.groups={level} groups the shared parameters; grad_target="
+                            f"{self.grad_target} has the shared features' gradients instead: use grad_target=params")
+        found = groups.column_groups(model, level)
+        self.parts = nn.ModuleList(copy.deepcopy(self) for _ in found)
+        self.columns = [columns for _, columns in found]
+        log.info(f"{type(self).__name__}: aggregating {len(found)} groups of shared parameters separately "
+                 f"(weighting.groups={level})")
+
+    def combine_groups(self, grads: torch.Tensor, losses: torch.Tensor, index: list[int], *samples: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`combine` on the whole matrix, or on each group's columns with that group's copy: the updates side by
+        side, and the weights' mean over the groups (what the heads and the log get)."""
+        if not self.parts:
+            return self.combine(grads, losses, index, *samples)
+        results = [part.combine(grads[:, columns], losses, index, *(s[:, columns] for s in samples))
+                   for part, columns in zip(self.parts, self.columns)]
+        return torch.cat([update for update, _ in results]), torch.stack([w.float() for _, w in results]).mean(0)
 
     def head_weights(self, weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         """The factor on each task's gradient for its own (task-specific) parameters."""
@@ -162,7 +196,7 @@ class GradientWeighting(Weighting):
         self.loss_scale = jacobian.scale
         others = [self.sample_gradients(sample, names, model, scaler) for sample in samples]
         if jacobian.finite() and all(torch.isfinite(other).all() for other in others):
-            update, weights = self.combine(jacobian.matrix, values, index, *others)
+            update, weights = self.combine_groups(jacobian.matrix, values, index, *others)
             weights = weights.detach().float()
         else:  # an fp16 overflow: hand the non-finite sum on, so that the GradScaler skips this step
             update, weights = jacobian.matrix.sum(0), self.last_weights[index].float()
@@ -172,7 +206,8 @@ class GradientWeighting(Weighting):
         logs = {f"train/weight/{t}": weights[i] for i, t in enumerate(names)}
         if log_grads:
             logs.update(gradient_stats(jacobian.matrix, names))
-            logs["grad/solver_failures"] = self.solver_failures.float()
+            logs["grad/solver_failures"] = sum((part.solver_failures for part in self.parts),
+                                               self.solver_failures).float()
         return logs
 
 
