@@ -16,6 +16,7 @@ from mtl_cli.data.checks import CheckedSamples, label_ranges
 from mtl_cli.data.collate import collate
 from mtl_cli.data.files import SkipBad
 from mtl_cli.data.folds import Folds
+from mtl_cli.data.held_out import HeldOut
 from mtl_cli.data.seeding import SeededBatches, SeededSamples, ShardedBatches
 from mtl_cli.engine.signals import ignore_stop_requests
 from mtl_cli.data.transforms import compose, split_transforms
@@ -125,12 +126,16 @@ def build_delta(cfg: DictConfig, tasks: dict[str, Task]) -> DeltaM | None:
 def build_dataset(cfg: DictConfig, split: str) -> Dataset:
     """The dataset of `split`, with the joint transforms declared for that split (`data.transforms.<split>`); each
     sample is checked as it is read against the tasks' class counts (data/checks.py). With `data.folds`, train and
-    val are parts of the train split (data/folds.py); with data=multi each member's train split is folded."""
-    folds = Folds.of(cfg.data)
+    val are parts of the train split (data/folds.py); with data=multi each member's train split is folded. A
+    weighting that learns on held-out data gets the `held_out` split, which train then lacks (data/held_out.py)."""
+    folds, held_out = Folds.of(cfg.data), HeldOut.of(cfg)
+    source = held_out.source(split) if held_out else split
     if cfg.data.get("members") is not None:
-        dataset = build_multi(cfg, split, folds)
+        dataset = build_multi(cfg, source, folds)
     else:
-        dataset = build_one(cfg.data, split, folds=folds)
+        dataset = build_one(cfg.data, source, folds=folds)
+    if held_out:
+        dataset = held_out.select(dataset, split)
     return CheckedSamples(dataset, split, label_ranges(cfg))
 
 

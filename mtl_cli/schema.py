@@ -95,6 +95,7 @@ RULES: dict[str, Number | Choice | Flag] = {
     "data.folds": Number(least=2, nullable=True),
     "data.fold": Number(least=0),
     "data.fold_seed": Number(least=0),
+    "data.held_out": Number(integer=False, above=0, nullable=True),
     "data.members.*.batch_size": COUNT,
     "data.members.*.num_workers": Number(least=0),
     "logger.log_every": COUNT,

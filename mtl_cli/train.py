@@ -13,6 +13,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtl_cli.build import adopt_facts, build_dataset, build_delta, build_loader, call, instantiate, resolve_data
+from mtl_cli.data.collate import collate
+from mtl_cli.data.held_out import HeldOutBatches
 from mtl_cli.engine import distributed
 from mtl_cli.engine.batches import evaluate, flatten, limited, to_device
 from mtl_cli.engine.checkpoint import CheckpointSchedule
@@ -26,6 +28,7 @@ from mtl_cli.errors import UserError
 from mtl_cli.models.summary import input_size, log_summary
 from mtl_cli.runtime import autocast, pick_device, seed_everything
 from mtl_cli.schema import check_config
+from mtl_cli.weighting.base import Lookahead
 from mtl_cli.weighting.gradients import FeatureCut
 
 log = logging.getLogger("mtl")
@@ -76,9 +79,13 @@ def prepare(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> Run:
         run_dir, log_every=cfg.logger.log_every)  # no sinks; the same logged steps as rank 0
     saves = CheckpointSchedule(cfg.trainer.get("checkpoint_every_n_steps"), cfg.trainer.get("checkpoint_every_minutes"))
     val_loader = build_loader(cfg, build_dataset(cfg, cfg.data.split), pin=pin, shard=shard)
+    held_out = None
+    if state.weighting.held_out_batches:
+        held_out = HeldOutBatches(build_dataset(cfg, "held_out"), int(cfg.data.batch_size) // ranks.world,
+                                  int(cfg.seed) * ranks.world + ranks.rank, collate)
     return Run(state, device, logger, run_dir, train_loader, val_loader, monitor, delta, saves, objectives, ranks=ranks,
                progress=EpochProgress(cfg.trainer.progress if ranks.main else "none"),
-               nonfinite=NonFinitePolicy(cfg.trainer.nonfinite, cfg.trainer.nonfinite_patience))
+               nonfinite=NonFinitePolicy(cfg.trainer.nonfinite, cfg.trainer.nonfinite_patience), held_out=held_out)
 
 
 def check_batches_per_step(cfg: DictConfig, state: TrainState, batches: int) -> None:
@@ -151,6 +158,10 @@ def train_step(run: Run, batch: dict, *samples: dict) -> None:
     batches a weighting asks for besides (`batches_per_step`), whose losses it computes when it needs them."""
     state, cfg = run.state, run.state.cfg
     batch = to_device(run.check_targets(batch), run.device)
+    state.weighting.before_step(Lookahead(
+        state.model, functools.partial(plain_losses, run, batch), [functools.partial(held_out_losses, run, k)
+                                                                   for k in range(state.weighting.held_out_batches)],
+        state.optimizer.param_groups[0]["lr"], run.ranks.world))
     outputs, losses, cut = forward(run, batch)
     if not losses:  # no sample of this batch has a label of any task: nothing to learn from it
         return
@@ -192,6 +203,21 @@ def sample_losses(run: Run, sample: dict) -> tuple[dict, FeatureCut]:
     """A weighting's independent sample: its task losses and feature cut, computed when the weighting asks."""
     _, losses, cut = forward(run, to_device(run.check_targets(sample), run.device))
     return losses, cut
+
+
+def plain_losses(run: Run, batch: dict) -> dict:
+    """The task losses on `batch` through the whole model (no feature cut): their graph reaches every parameter."""
+    state = run.state
+    with autocast(state.cfg.trainer.precision, run.device):
+        outputs = state.model(batch["image"])
+        losses = state.model.task_losses(state.tasks, outputs, batch)
+    return run.ranks.losses(losses, state.tasks, outputs, batch)
+
+
+def held_out_losses(run: Run, k: int) -> dict:
+    """The task losses on the step's k-th held-out batch (data/held_out.py)."""
+    batch = run.held_out.batch(run.state.step, k)
+    return plain_losses(run, to_device(run.check_targets(batch), run.device))
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mtl_cli.data.checks import check_batch
+from mtl_cli.data.held_out import HeldOutBatches
 from mtl_cli.engine.checkpoint import CheckpointSchedule
 from mtl_cli.engine.distributed import Alone
 from mtl_cli.engine.logger import Logger
@@ -47,6 +48,7 @@ class Run:
     nonfinite: NonFinitePolicy = field(default_factory=NonFinitePolicy)
     checked: set = field(default_factory=set)  # the sets of tasks whose targets a batch was checked for
     ranks: Alone = field(default_factory=Alone)  # the processes of the run (engine/distributed.py)
+    held_out: HeldOutBatches | None = None  # for a weighting that reads held-out batches (data/held_out.py)
 
     @property
     def last(self) -> Path:

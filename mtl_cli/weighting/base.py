@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,6 +31,18 @@ Logs = dict[str, torch.Tensor]
 Sample = Callable[[], tuple[dict[str, torch.Tensor], "gradients.FeatureCut"]]  # another batch's losses and cut
 
 
+@dataclass
+class Lookahead:
+    """What a weighting may compute before the step's forward pass (`before_step`); each call is a forward pass
+    of the model as it is then (with its parameters' graph: no feature cut), giving the task losses."""
+
+    model: nn.Module
+    batch: Callable[[], dict[str, torch.Tensor]]  # the step's batch
+    held_out: Sequence[Callable[[], dict[str, torch.Tensor]]]  # `held_out_batches` batches of the held-out split
+    lr: float  # the optimizer's learning rate (of its first group) for this step
+    world: int  # the number of processes
+
+
 class Weighting(nn.Module):
     """Combines the losses of the tasks present in a step into one update.
 
@@ -37,6 +50,7 @@ class Weighting(nn.Module):
     """
 
     batches_per_step = 1  # independent batches of the epoch each step reads: the loop draws them (MoDo, SDMGrad)
+    held_out_batches = 0  # batches of the held-out split (data.held_out) each step may read in before_step
 
     def __init__(self, tasks: Sequence[str]):
         super().__init__()
@@ -84,6 +98,10 @@ class Weighting(nn.Module):
         if level != "whole":
             raise UserError(f"weighting.groups={level}: {type(self).__name__} weighs the losses, so there are no task "
                             "gradients to aggregate by groups; groups apply to gradient methods (e.g. weighting=pcgrad)")
+
+    def before_step(self, ahead: Lookahead) -> None:
+        """Called before each training step's forward pass, for a method that learns its weights by looking ahead
+        (Auto-Lambda); nothing by default, and nothing in `ahead` is computed unless called."""
 
     def after_step(self, losses_now: Callable[[], dict[str, torch.Tensor]]) -> None:
         """Called after each optimizer step; `losses_now()` computes the step batch's task losses with the updated
