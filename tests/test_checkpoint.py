@@ -17,7 +17,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mtl_cli.build import build_model, build_optimizer, build_scheduler, build_tasks, build_weighting
 from mtl_cli.engine import checkpoint as checkpoint_module
 from mtl_cli.engine.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mtl_cli.errors import UserError
