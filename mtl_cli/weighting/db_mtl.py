@@ -15,7 +15,12 @@ class DBMTL(GradientWeighting):
 
         g_t = grad log(L_t + eps) = grad L_t / (L_t + eps),
         ghat_t <- b_k ghat_t + (1 - b_k) g_t   (from 0; b_k = beta / k^beta_sigma, k the task's own step count),
-        update = sum_t alpha_t ghat_t, alpha_t = max_s |ghat_s| / (|ghat_t| + eps).
+        update = sum_t alpha_t ghat_t, alpha_t = max_s |ghat_s| / (|ghat_t| + min(eps, sqrt(eps) |ghat_t|)).
+
+    The official code (LibMTL) divides by |ghat_t| + eps, which guards a zero norm but is not small next to a small
+    one: a task whose average was 1e-7 (a gradient of 1e-6 with a loss of 1, after the first step's factor 1 - beta)
+    came out at 0.9 of the others' norm, one of 1e-9 under 0.1. Here eps never adds more than sqrt(eps) (1e-4) of the
+    norm it guards; for norms above sqrt(eps) this is the official + eps exactly.
 
     The update is not a combination of this step's rows, so `combine` is overridden; the weights logged are the
     alpha_t. Each head gets the gradient of its log-loss (`head_weights`: 1 / (L_t + eps)), without alpha.
@@ -49,7 +54,8 @@ class DBMTL(GradientWeighting):
         averages = rate * self.averages[index].to(grads) + (1 - rate) * log_grads
         self.averages[index] = averages.to(self.averages)
         norms = averages.norm(dim=1)
-        alpha = norms.max() / (norms + self.eps)
+        guarded = torch.where(norms > 0, norms + (self.eps ** 0.5 * norms).clamp(max=self.eps), self.eps)
+        alpha = norms.max() / guarded
         return alpha @ averages, alpha
 
     def head_weights(self, weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,18 @@ class UPGrad(GradientWeighting):
     The update never conflicts with a task gradient, and equals the mean gradient when none conflict.
 
     As torchjd (the authors' library) does, M is divided by its trace (or zeroed when the trace, |G|_F^2, is below
-    norm_eps: the update is then the mean gradient; torchjd's 1e-4, 0 by default here) and reg_eps I is added, so
-    that the QP is strictly convex; with norm_eps=1e-4 the result matches torchjd's UPGrad. Only the shared parameters get the combination; each head gets its
-    own task's gradient. The QPs are solved exactly (`solvers.dual_cone_projections`); a failed check is reported
-    through `solver_failed` and the best point found is used.
+    norm_eps: the update is then the mean gradient; torchjd's 1e-4, 0 by default here) and a ridge reg_eps I is
+    added, so that the QP is strictly convex; with norm_eps=1e-4 the result matches torchjd's UPGrad (whenever every
+    task's |g_i|^2 is at least sqrt(reg_eps) |G|_F^2: see below). Only the shared parameters get the combination;
+    each head gets its own task's gradient. The QPs are solved exactly (`solvers.dual_cone_projections`); a failed
+    check is reported through `solver_failed` and the best point found is used.
+
+    Departure from torchjd: task i's ridge is capped at sqrt(reg_eps) |g_i|^2 / |G|_F^2, i.e. at sqrt(reg_eps) (1% by
+    default) of its own squared norm (a task without gradient gets none; its weight stays at its bound). torchjd's
+    reg_eps swamps a task whose squared norm is below reg_eps |G|_F^2: its conflicts are then ignored (a task 1e-3
+    the size of another got cos(g_i, update) = -0.5). Capped, a task of any size conflicts with the update by at
+    most about sqrt(reg_eps) |cos| (relative to its own norm), as a task of squared norm sqrt(reg_eps) |G|_F^2 did
+    before; every larger task keeps torchjd's ridge.
     """
 
     loss_weights = False
@@ -37,9 +45,13 @@ class UPGrad(GradientWeighting):
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor, index: list[int]) -> torch.Tensor:
         gram = solvers.gramian(grads)
         tasks, trace = gram.shape[0], gram.trace()
-        gram = gram / trace if trace > 0 and trace >= self.norm_eps else torch.zeros_like(gram)
-        eye = torch.eye(tasks, dtype=gram.dtype)
-        projections, failure = solvers.dual_cone_projections(gram + self.reg_eps * eye, self.projected(tasks),
+        ridge = torch.full((tasks,), self.reg_eps, dtype=gram.dtype)
+        if trace > 0 and trace >= self.norm_eps:
+            gram = gram / trace
+            ridge = torch.minimum(ridge, self.reg_eps ** 0.5 * gram.diagonal())
+        else:
+            gram = torch.zeros_like(gram)
+        projections, failure = solvers.dual_cone_projections(gram + torch.diag(ridge), self.projected(tasks),
                                                              self.max_iters)
         if failure:
             self.solver_failed(failure)
