@@ -36,8 +36,11 @@ def test_modo_follows_torchjd_step_by_step(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sdmgrad_follows_torchjd_step_by_step(dtype):
+    """Where each task's two gradients point alike (here: parallel), torchjd's scale (from G1 G2^T's diagonal) and
+    ours (from the rows' norms) agree; so must the weights."""
     ours, theirs = SDMGrad(TASKS, lr=1.0), SDMGradWeighting(lr=1.0)
-    for own, first, second in batches(1, dtype):
+    for own, first, _ in batches(1, dtype):
+        second = first * torch.tensor([[0.5], [2.0], [1.5]], dtype=dtype)
         update, weights = ours.combine(own, torch.ones(3), [0, 1, 2], first, second)
         # theirs divides by (scale^2 + 1e-8), ours by scale^2: fed 1e6 times the matrix, the 1e-8 vanishes
         torch.testing.assert_close(weights, theirs(1e6 * first.double() @ second.double().T), rtol=1e-6, atol=1e-9)
@@ -93,3 +96,11 @@ def test_resuming_modo_gives_the_uninterrupted_run(mtl_main, tmp_path):
     for part in ("weighting", "model"):
         for name, tensor in a[part].items():
             assert torch.equal(tensor, b[part][name]), f"{part}.{name}"
+
+
+def test_sdmgrad_is_finite_when_the_two_batches_disagree():
+    """Opposite draws make G1 G2^T's diagonal negative: the official scale (its clamped square roots) is then 0."""
+    method = SDMGrad(TASKS)
+    for own, first, _ in batches(5, torch.float32, sizes=(1e-6, 1.0, 1e3)):
+        update, weights = method.combine(own, torch.ones(3), [0, 1, 2], first, -first)
+        assert torch.isfinite(update).all() and weights.sum().item() == pytest.approx(1.0)

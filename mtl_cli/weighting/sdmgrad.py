@@ -18,13 +18,14 @@ class SDMGrad(GradientWeighting):
     w on the simplex minimising 1/2 |(w + lambda_ w0) G|^2 by `iterations` steps of projected SGD with momentum
     (learning rate lr, momentum, restarted each step; w itself carries over). The objective's matrix is G1 G2^T of
     two independent batches (the samples the loop draws, `batches_per_step = 3`), an unbiased estimate of the
-    expected Gramian, divided by the squared mean of its diagonal's square roots so that lr does not depend on the
-    gradients' size; G is the step's own batch.
+    expected Gramian, divided by the squared mean of sqrt(|g1_t| |g2_t|) so that lr does not depend on the gradients'
+    size; G is the step's own batch.
 
     Defaults: lambda_ 0.3, 20 iterations, momentum 0.5 (the paper's experiments, LibMTL), lr 10 (torchjd's reading
-    of the official code; LibMTL uses 5). Departure: the official code divides by (scale^2 + 1e-8), which freezes w
-    once the gradients are below about 1e-4; here the division is by scale^2 alone (w stays put when every
-    gradient is zero). Heads get their own task's gradient of the step's batch."""
+    of the official code; LibMTL uses 5). Departures: the official code's scale is the mean of sqrt(g1_t . g2_t) with
+    negative products clamped to 0 (the same where the two batches' gradients point alike), which collapses when
+    they do not and blows the step up; and it divides by (scale^2 + 1e-8), which freezes w once the gradients are
+    below about 1e-4. Here the sizes are the rows' norms, and w stays put when every gradient is zero. Heads get their own task's gradient of the step's batch."""
 
     batches_per_step = 3
     loss_weights = False
@@ -41,7 +42,8 @@ class SDMGrad(GradientWeighting):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         first, second = samples
         matrix = solvers.gramian(first, second)
-        scale = matrix.diagonal().clamp(min=0).sqrt().mean() ** 2
+        sizes = (first.double().norm(dim=1) * second.double().norm(dim=1)).cpu()  # |g1_t| |g2_t|
+        scale = sizes.sqrt().mean() ** 2
         weights, mass = simplex_part(self.simplex_weights, index)
         target = torch.full_like(weights, 1 / len(index))
         if scale > 0:

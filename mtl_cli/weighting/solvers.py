@@ -287,6 +287,8 @@ def _least(points, values, sizes):
 
 def project_to_simplex(x):
     """Euclidean projection onto the probability simplex (Held, Wolfe and Crowder 1974)."""
+    if not torch.isfinite(x).all():
+        raise ValueError(f"project_to_simplex: the point is not finite: {x.tolist()}")
     ordered = x.sort(descending=True).values
     excess = ordered.cumsum(0) - 1
     last = int((ordered - excess / torch.arange(1, len(x) + 1, dtype=F64) > 0).nonzero().max())
