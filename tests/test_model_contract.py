@@ -18,7 +18,7 @@ from mtl_cli.paths import config_dir
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 32
 TASKS = ["segmentation", "count"]
-ARCHITECTURES = ["hps", "stl", "mtan", "cross_stitch", "mmoe", "cgc"]
+ARCHITECTURES = ["hps", "stl", "mtan", "cross_stitch", "mmoe", "cgc", "pad_net", "mti_net", "ple", "dselect_k"]
 
 
 def config(*overrides: str):

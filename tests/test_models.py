@@ -26,7 +26,7 @@ from test_cli import TINY, ok, run_dirs, scalar_tags
 
 SIZE = 32
 TASKS = ["segmentation", "count"]
-ARCHITECTURES = ["stl", "mtan", "cross_stitch", "mmoe", "cgc"]
+ARCHITECTURES = ["stl", "mtan", "cross_stitch", "mmoe", "cgc", "pad_net", "mti_net", "ple", "dselect_k"]
 BACKBONES = sorted(p.stem for p in (config_dir() / "backbone").glob("*.yaml"))
 # The default run: every architecture on NCHW maps of several stages (small_cnn); cross-stitch, the one that runs
 # the stages itself, on the other two layouts a stage can pass on, NHWC maps (Swin) and tokens (ViT); the
@@ -59,7 +59,10 @@ def test_every_architecture_runs_forward_and_backward_on_every_backbone(architec
     cut, outputs = step(model.train(), image)
     assert set(outputs) == set(TASKS)
     assert outputs["segmentation"].shape == (2, 11, SIZE, SIZE) and outputs["count"].shape == (2, 1)
-    (outputs["segmentation"].square().mean() + outputs["count"].square().mean()).backward()
+    # intermediate predictions (pad_net, mti_net): only their own losses reach their heads
+    auxiliary = [p for ps in getattr(outputs, "intermediate", {}).values() for p in ps]
+    (outputs["segmentation"].square().mean() + outputs["count"].square().mean() + sum(a.mean() for a in auxiliary)
+     ).backward()
     cut.backward_trunk()
     # (None, not zero: stochastic depth in Swin and ConvNeXt drops whole blocks of a step at random)
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
