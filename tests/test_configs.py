@@ -20,12 +20,14 @@ from omegaconf.errors import MissingMandatoryValue
 from mtl_cli.build import (build_dataset, build_model, build_optimizer, build_scheduler, build_tasks,
                            build_weighting, instantiate)
 from mtl_cli.data.collate import collate
+from mtl_cli.data.held_out import HeldOut
 from mtl_cli.errors import UserError
 from mtl_cli.models.heads import DenseHead, PooledHead
 from mtl_cli.paths import config_dir
 from mtl_cli.runtime import autocast, pick_device
 from mtl_cli.engine.batches import Scores
 from mtl_cli.engine.monitor import Monitor
+from mtl_cli.weighting.base import Lookahead
 from mtl_cli.weighting.gradients import FeatureCut
 
 CONFIGS = config_dir()
@@ -130,9 +132,12 @@ def check_builds_and_runs(cfg, tmp_path):
     assert device.type == "cpu"  # this machine has no GPU (and the test does not need one)
 
     splits = {}
+    held_out = HeldOut.of(cfg)  # a weighting that learns on held-out data trains on the rest
     for split in ("train", cfg.data.split):
         splits[split] = build_dataset(cfg, split)
-        assert len(splits[split]) == dict(cfg.data.dataset.scenes)[split]
+        size = dict(cfg.data.dataset.scenes)[split]
+        assert len(splits[split]) == size - (math.ceil(held_out.fraction * size) if held_out and split == "train"
+                                              else 0)
     batch = collate([splits["train"][i] for i in range(BATCH)])
     assert batch["image"].shape == (BATCH, 3, SIZE, SIZE)
 
@@ -144,7 +149,17 @@ def check_builds_and_runs(cfg, tmp_path):
         assert [SIZE // f.shape[-1] for f in features] == backbone.strides
     assert all(f.shape[0] == BATCH and torch.isfinite(f).all() for f in features)
 
+    def again():  # another forward pass on the batch: the samples and lookahead of the methods that read them
+        outputs = model(batch["image"])
+        return {name: task.loss(outputs[name], task.target_of(batch)) for name, task in tasks.items()}
+
+    def sample():
+        fresh = FeatureCut(model.encode(batch["image"]))
+        outputs = model.decode(fresh.leaves, batch["image"].shape[-2:])
+        return {name: task.loss(outputs[name], task.target_of(batch)) for name, task in tasks.items()}, fresh
+
     model.train()
+    weighting.before_step(Lookahead(model, again, [again] * weighting.held_out_batches, 0.01, 1))  # first, as the loop
     with autocast(cfg.trainer.precision, device):  # as the training loop does: heads read the cut features
         cut = FeatureCut(model.encode(batch["image"]))
         outputs = model.decode(cut.leaves, batch["image"].shape[-2:])
@@ -166,7 +181,8 @@ def check_builds_and_runs(cfg, tmp_path):
 
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.zero_grad(set_to_none=True)
-    weighting.backward(losses, model, torch.amp.GradScaler("cpu", enabled=False), cut)
+    weighting.backward(losses, model, torch.amp.GradScaler("cpu", enabled=False), cut,
+                       samples=[sample] * (weighting.batches_per_step - 1))
     assert all(p.grad is not None for p in model.shared_parameters())
     optimizer.step()
     scheduler.step()
