@@ -145,10 +145,12 @@ def test_without_a_dense_task_there_is_nothing_to_distil_and_widths_are_checked(
         build("pad_net", channels=18)
 
 
-@pytest.mark.parametrize("weighting", ["pcgrad", pytest.param("ew", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("architecture", sorted(SCALES))
+@pytest.mark.parametrize("architecture, weighting", [
+    ("pad_net", "pcgrad"), *[pytest.param(a, w, marks=pytest.mark.slow) for a, w in (
+        ("mti_net", "pcgrad"), ("pad_net", "ew"), ("mti_net", "ew"))]])
 def test_mtl_train_trains_two_steps(mtl_main, tmp_path, architecture, weighting):
-    """With a gradient method (exact per-task gradients through forward_cut) in the default run; -m slow adds ew."""
+    """With a gradient method (exact per-task gradients through forward_cut, the auxiliary losses through the loop's
+    task_losses) in the default run; -m slow adds mti_net (whose step tests/test_configs.py takes) and ew."""
     ok(mtl_main("train", f"architecture={architecture}", f"weighting={weighting}", *TINY, *STEPS,
                 f"hydra.run.dir={tmp_path / 'run'}"))
     (run,) = run_dirs(tmp_path)

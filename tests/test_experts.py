@@ -240,12 +240,14 @@ def test_bad_settings_are_one_clear_error(override, message):
         build(*override)
 
 
-def test_mtl_trains_each_architecture(mtl_main, tmp_path):
-    """Both from the command line on the embedded data, two steps each, under a gradient method (the task-gradient
-    matrix through the cut, DSelect-k's regulariser in the losses)."""
-    ok(mtl_main("train", "-m", "architecture=ple,dselect_k", "weighting=pcgrad", *TWO_STEPS))
+@pytest.mark.parametrize("architectures", ["dselect_k", pytest.param("ple,dselect_k", marks=pytest.mark.slow)])
+def test_mtl_trains_each_architecture(mtl_main, tmp_path, architectures):
+    """From the command line on the embedded data, two steps each, under a gradient method (the task-gradient
+    matrix through the cut, DSelect-k's regulariser in the losses through the loop's task_losses); -m slow adds
+    ple (its forward and backward are in tests/test_models.py, its step in tests/test_configs.py)."""
+    ok(mtl_main("train", "-m", f"architecture={architectures}", "weighting=pcgrad", *TWO_STEPS))
     runs = run_dirs(tmp_path / "multirun")
-    assert len(runs) == 2
+    assert len(runs) == len(architectures.split(","))
     for run in runs:
         record = json.loads((run / "metrics.json").read_text())
         assert record["steps"] == 2 and set(record["final"]["metrics"]) == {"segmentation", "depth", "normals",
