@@ -213,7 +213,7 @@ class GradientWeighting(Weighting):
         values = torch.stack([losses[t].detach().float() for t in names])
         self.loss_scale = jacobian.scale
         others = [self.sample_gradients(sample, names, model, scaler) for sample in samples]
-        if jacobian.finite() and all(torch.isfinite(other).all() for other in others):
+        if jacobian.finite() and all(gradients.finite(other) for other in others):
             update, weights = self.combine_groups(jacobian.matrix, values, index, *others)
             weights = weights.detach().float()
         else:  # an fp16 overflow: hand the non-finite sum on, so that the GradScaler skips this step

@@ -50,9 +50,13 @@ class DBMTL(GradientWeighting):
             self.averages = grads.new_zeros(len(self.tasks), grads.shape[1])
         self.seen[index] += 1
         rate = (self.beta / self.seen[index].to(grads.dtype) ** self.beta_sigma)[:, None]
-        log_grads = grads / (losses.to(grads) + self.eps)[:, None]
-        averages = rate * self.averages[index].to(grads) + (1 - rate) * log_grads
-        self.averages[index] = averages.to(self.averages)
+        step = (grads / (losses.to(grads) + self.eps)[:, None]).mul_(1 - rate)  # (1 - b_k) g_t
+        if index == list(range(len(self.tasks))) and (self.averages.dtype, self.averages.device) == (
+                grads.dtype, grads.device):
+            averages = self.averages.mul_(rate).add_(step)  # every task present: the same sums, in place
+        else:
+            averages = rate * self.averages[index].to(grads) + step
+            self.averages[index] = averages.to(self.averages)
         norms = averages.norm(dim=1)
         guarded = torch.where(norms > 0, norms + (self.eps ** 0.5 * norms).clamp(max=self.eps), self.eps)
         alpha = norms.max() / guarded

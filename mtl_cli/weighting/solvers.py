@@ -26,7 +26,7 @@ TIE = 1e-12  # candidates this close to the least objective, relative to the siz
 F64 = torch.float64
 
 
-def gramian(grads: torch.Tensor, other: torch.Tensor | None = None, chunk: int = 1 << 20) -> torch.Tensor:
+def gramian(grads: torch.Tensor, other: torch.Tensor | None = None, chunk: int = 1 << 15) -> torch.Tensor:
     """G G^T (or G H^T, H = `other`, the rows of another batch) in float64 on the CPU, accumulated over column
     chunks (no float64 copy of G, and no TF32)."""
     gram = torch.zeros(grads.shape[0], grads.shape[0], dtype=F64, device=grads.device)
