@@ -17,7 +17,12 @@ from mtl_cli.guard import SWEEPS, Refused
 # Nothing heavy is imported before Hydra has read the command line: --help, --cfg and tab completion stay fast.
 COMMANDS = {"train": "train a multi-task model (the default config needs no download)",
             "eval": "score a checkpoint: mtl eval ckpt=<run dir>/checkpoints/best.pt",
+            "predict": "run a checkpoint on your images: mtl predict ckpt=<best.pt or model.onnx> input=<image, folder, "
+                       "glob or manifest>",
+            "export": "export a checkpoint: mtl export ckpt=<best.pt> format=onnx|torchscript|exported_program",
+            "explain": "saliency per task: mtl explain ckpt=<best.pt> input=<images> method=integrated_gradients",
             "report": "compare runs and sweeps: mtl report multirun/... (mean, spread, delta_m, significance)",
+            "affinity": "task groupings from a run's measured affinities: mtl affinity <run dir> groups=K",
             "completion": 'tab completion: eval "$(mtl completion bash)" (or zsh); mtl completion fish | source'}
 SHELL_COMPLETION = ("-sc", "--shell-completion")  # Hydra's flag; its installed scripts call `mtl -sc query=SHELL`
 HELP_FLAGS = {"-h", "--help", "--hydra-help"}
@@ -47,13 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         return complete(command, rest)
     if command not in COMMANDS:
         return fail("mtl", f"unknown command {command!r}{suggest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}")
-    if command == "report":  # argparse, not Hydra: it reads runs, it composes nothing
-        from mtl_cli.report.command import report
-
+    if command in ("report", "affinity"):  # not Hydra: they read runs, they compose nothing
+        if command == "report":
+            from mtl_cli.report.command import report as read_runs
+        else:
+            from mtl_cli.analysis.affinity_command import affinity as read_runs
         try:
-            return report(rest)
+            return read_runs(rest)
         except UserError as e:
-            return fail("mtl report", str(e))
+            return fail(f"mtl {command}", str(e))
     flag_error = check_flags(rest)
     if flag_error:
         return fail(f"mtl {command}", f"{flag_error}; `mtl {command} --help` lists the flags and config groups")

@@ -1,4 +1,4 @@
-"""The Hydra entries of `mtl train` and `mtl eval`.
+"""The Hydra entries of `mtl train`, `mtl eval`, `mtl predict`, `mtl export` and `mtl explain`.
 
 Light to import on purpose: `--help`, `--cfg job` and tab completion only compose a config, so torch and the
 recipes (train.py, evaluate.py) are imported inside the task functions, which run only for a real job.
@@ -64,6 +64,33 @@ def eval_command(cfg: DictConfig) -> dict:
     from mtl_cli.engine.state import HydraValues
 
     return evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir), HydraValues.of(HydraConfig.get()))
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="predict")
+@reports_user_errors("predict")
+def predict_command(cfg: DictConfig) -> dict:
+    from mtl_cli.engine.state import HydraValues
+    from mtl_cli.inference.predict import predict
+
+    return predict(cfg, Path(HydraConfig.get().runtime.output_dir), HydraValues.of(HydraConfig.get()))
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="export")
+@reports_user_errors("export")
+def export_command(cfg: DictConfig) -> dict:
+    from mtl_cli.engine.state import HydraValues
+    from mtl_cli.inference.export import export
+
+    return export(cfg, Path(HydraConfig.get().runtime.output_dir), HydraValues.of(HydraConfig.get()))
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="explain")
+@reports_user_errors("explain")
+def explain_command(cfg: DictConfig) -> dict:
+    from mtl_cli.analysis.saliency import explain
+    from mtl_cli.engine.state import HydraValues
+
+    return explain(cfg, Path(HydraConfig.get().runtime.output_dir), HydraValues.of(HydraConfig.get()))
 
 
 @contextlib.contextmanager

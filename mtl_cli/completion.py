@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from mtl_cli.errors import UserError
 
 SHELLS = ("bash", "zsh", "fish")
-HYDRA_APPS = ("train", "eval")  # the commands whose words Hydra completes
+HYDRA_APPS = ("train", "eval", "predict", "export", "explain")  # the commands whose words Hydra completes
 # Hydra's zsh completion is its bash script run through zsh's bash emulation, which needs compinit first.
 ZSH_PREAMBLE = "autoload -Uz compinit bashcompinit\n(( $+functions[compdef] )) || compinit\nbashcompinit\n"
 

@@ -55,7 +55,7 @@ def test_the_console_script_prints_and_exits_as_main_returns(tmp_path):
     typo = subprocess.run([MTL, "trian"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert typo.returncode == 2 and typo.stdout == "", typo
     assert typo.stderr == ("mtl: error: unknown command 'trian' (did you mean 'train'?); "
-                           "commands: train, eval, report, completion\n")
+                           "commands: train, eval, predict, export, explain, report, affinity, completion\n")
 
 
 def test_help_lists_commands_and_every_config_group(mtl_main):

@@ -27,6 +27,9 @@ sys.exit(status)
 """
 
 
+ALL_COMMANDS = ["affinity", "completion", "eval", "explain", "export", "predict", "report", "train"]
+
+
 def options(group: str, prefix: str = "") -> list[str]:
     return sorted(f"{group}={p.stem}" for p in (CONFIGS / group).glob(f"{prefix}*.yaml"))
 
@@ -65,7 +68,7 @@ def query(mtl_main, monkeypatch, line: str, shell: str = "bash") -> list[str]:
 
 
 def test_completion_offers_the_commands_then_each_commands_groups_and_options(mtl_main, monkeypatch):
-    assert query(mtl_main, monkeypatch, "mtl ") == ["completion", "eval", "report", "train"]
+    assert query(mtl_main, monkeypatch, "mtl ") == ALL_COMMANDS
     assert query(mtl_main, monkeypatch, "mtl tr") == ["train"]
     assert query(mtl_main, monkeypatch, "mtl completion ") == ["bash", "fish", "zsh"]
     assert "backbone=" in query(mtl_main, monkeypatch, "mtl train back")
@@ -109,7 +112,7 @@ def test_tab_in_bash_completes_through_the_installed_script(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     lines = [sorted(line.split()) for line in result.stdout.splitlines()]
-    assert lines == [["completion", "eval", "report", "train"], options("backbone", "res"), options("weighting", "u")]
+    assert lines == [ALL_COMMANDS, options("backbone", "res"), options("weighting", "u")]
 
 
 @pytest.mark.skipif(shutil.which("fish") is None, reason="needs fish")
@@ -119,4 +122,4 @@ def test_tab_in_fish_completes_through_the_installed_script(tmp_path):
     result = subprocess.run(["fish", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert sorted(result.stdout.split()) == sorted(["completion", "eval", "report", "train", *options("backbone", "res")])
+    assert sorted(result.stdout.split()) == sorted([*ALL_COMMANDS, *options("backbone", "res")])

@@ -61,6 +61,8 @@ class Run:
         if present not in self.checked:
             check_batch(self.state.tasks, batch, several=self.state.cfg.data.get("members") is not None)
             self.checked.add(present)
+        if self.state.input_size is None:
+            self.state.input_size = list(batch["image"].shape[-2:])
         return batch
 
     def stop(self) -> None:

@@ -49,6 +49,7 @@ class TrainState:
     best_results: dict | None = None
     results: dict | None = None
     skipped_steps: int = 0
+    input_size: list[int] | None = None  # [H, W] of the images trained on: what mtl predict resizes its inputs to
     writes: bool = True  # False on the ranks other than 0 of several processes: their `save` writes nothing
 
     @functools.cached_property
@@ -62,7 +63,7 @@ class TrainState:
         return {"config": self.config_text, "model": self.model.state_dict(),
                 "weighting": self.weighting.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
-                **{key: getattr(self, key) for key in COUNTERS}}
+                "input_size": self.input_size, **{key: getattr(self, key) for key in COUNTERS}}
 
     def save(self, path: Path) -> None:
         """Writes the checkpoint atomically; a model holding NaN or infinite weights is never written (the file
@@ -94,6 +95,7 @@ class TrainState:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         else:
             self.scheduler = replayed_scheduler(self.cfg, self.optimizer, checkpoint["epoch"])
+        self.input_size = checkpoint.get("input_size")
         for key in COUNTERS:  # checkpoints of earlier versions lack `batch` and `skipped_steps`
             setattr(self, key, checkpoint.get(key, 0 if key in ("batch", "skipped_steps") else None))
         set_rng_state(checkpoint["rng"], str(self.cfg.get("resume") or "the checkpoint"))
