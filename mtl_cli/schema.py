@@ -81,6 +81,8 @@ RULES: dict[str, Number | Choice | Flag] = {
     "trainer.sync_batchnorm": Flag(),
     "trainer.compile": Flag(),
     "trainer.channels_last": Flag(),
+    "trainer.task_affinity.every": OPTIONAL_COUNT,
+    "trainer.task_affinity.update": Choice(("optimizer", "sgd")),
     "optimizer.lr": Number(integer=False, above=0),
     "optimizer.weight_decay": Number(integer=False, least=0),
     "optimizer.momentum": Number(integer=False, least=0),

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mtl_cli.analysis.affinity import TaskAffinity
 from mtl_cli.build import adopt_facts, build_dataset, build_delta, build_loader, call, instantiate, resolve_data
 from mtl_cli.data.collate import collate
 from mtl_cli.data.held_out import HeldOutBatches
@@ -45,6 +46,8 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict | None = None) -> flo
                 train_epoch(run)
                 end_epoch(run)
         run.report(time.perf_counter() - started)
+        if run.affinity is not None and run.ranks.main:
+            run.affinity.finish(run_dir / "metrics.json")
     return run.objectives.values(state.best, state.best_results)
 
 
@@ -83,9 +86,12 @@ def prepare(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> Run:
     if state.weighting.held_out_batches:
         held_out = HeldOutBatches(build_dataset(cfg, "held_out"), int(cfg.data.batch_size) // ranks.world,
                                   int(cfg.seed) * ranks.world + ranks.rank, collate)
+    affinity = TaskAffinity.of(cfg, list(state.tasks), ranks.world, run_dir,
+                               state.epoch if checkpoint is not None else None)  # trainer.task_affinity
     return Run(state, device, logger, run_dir, train_loader, val_loader, monitor, delta, saves, objectives, ranks=ranks,
                progress=EpochProgress(cfg.trainer.progress if ranks.main else "none"),
-               nonfinite=NonFinitePolicy(cfg.trainer.nonfinite, cfg.trainer.nonfinite_patience), held_out=held_out)
+               nonfinite=NonFinitePolicy(cfg.trainer.nonfinite, cfg.trainer.nonfinite_patience), held_out=held_out,
+               affinity=affinity)
 
 
 def check_batches_per_step(cfg: DictConfig, state: TrainState, batches: int) -> None:
@@ -158,10 +164,12 @@ def train_step(run: Run, batch: dict, *samples: dict) -> None:
     batches a weighting asks for besides (`batches_per_step`), whose losses it computes when it needs them."""
     state, cfg = run.state, run.state.cfg
     batch = to_device(run.check_targets(batch), run.device)
-    state.weighting.before_step(Lookahead(
-        state.model, functools.partial(plain_losses, run, batch), [functools.partial(held_out_losses, run, k)
-                                                                   for k in range(state.weighting.held_out_batches)],
-        state.optimizer.param_groups[0]["lr"], run.ranks.world))
+    ahead = Lookahead(state.model, functools.partial(plain_losses, run, batch),
+                      [functools.partial(held_out_losses, run, k) for k in range(state.weighting.held_out_batches)],
+                      state.optimizer.param_groups[0]["lr"], run.ranks.world)
+    if run.affinity is not None:  # TAG's probe, when due; it leaves no trace (analysis/affinity.py)
+        run.affinity.step(state.model, ahead.batch, ahead.lr, state.optimizer, state.step)
+    state.weighting.before_step(ahead)
     outputs, losses, cut = forward(run, batch)
     if not losses:  # no sample of this batch has a label of any task: nothing to learn from it
         return
@@ -239,6 +247,8 @@ def end_epoch(run: Run) -> None:
     state.epoch, state.batch = state.epoch + 1, 0
     state.scheduler.step()
     state.weighting.epoch_end()
+    if run.affinity is not None:
+        run.affinity.epoch_end(state.epoch, state.step, run.logger)
     improved = False
     if finished(state) or state.epoch % int(cfg.trainer.val_every) == 0:
         improved = validate(run)

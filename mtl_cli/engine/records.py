@@ -17,8 +17,9 @@ from mtl_cli.engine.atomic import write_atomically
 from mtl_cli.errors import UserError
 
 
-def write_record(path: Path, record: dict[str, Any]) -> None:
-    nonfinite: list[str] = []
+def write_record(path: Path, record: dict[str, Any], nonfinite: list[str] | None = None) -> None:
+    """`nonfinite`: places already nulled (a record read back and extended)."""
+    nonfinite = list(nonfinite or [])
     clean = finite_or_null(record, "", nonfinite)
     if nonfinite:
         clean["nonfinite"] = nonfinite
@@ -44,6 +45,14 @@ def train_record(state, monitor, seconds: float) -> dict[str, Any]:
             "monitor": {"name": monitor.name, "mode": monitor.mode, "value": state.best},
             "epochs": state.epoch, "steps": state.step, "skipped_steps": state.skipped_steps,
             "train_seconds": round(seconds, 2), "higher_is_better": directions(state.tasks)}
+
+
+def add_to_record(path: Path, key: str, value: Any) -> None:
+    """`path`'s record with `key` set to `value` (a section an analysis adds: metrics.json's "task_affinity")."""
+    record = read_record(path)
+    earlier = [place for place in record.pop("nonfinite", []) if place.split(".")[0].split("[")[0] != key]
+    record[key] = value
+    write_record(path, record, earlier)
 
 
 def eval_record(checkpoint_path: Path, split: str, checkpoint: dict, results: dict, tasks) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from mtl_cli.analysis.affinity import TaskAffinity
 from mtl_cli.data.checks import check_batch
 from mtl_cli.data.held_out import HeldOutBatches
 from mtl_cli.engine.checkpoint import CheckpointSchedule
@@ -49,6 +50,7 @@ class Run:
     checked: set = field(default_factory=set)  # the sets of tasks whose targets a batch was checked for
     ranks: Alone = field(default_factory=Alone)  # the processes of the run (engine/distributed.py)
     held_out: HeldOutBatches | None = None  # for a weighting that reads held-out batches (data/held_out.py)
+    affinity: TaskAffinity | None = None  # TAG's probe, with trainer.task_affinity.every (analysis/affinity.py)
 
     @property
     def last(self) -> Path:
