@@ -41,16 +41,20 @@ class Task:
     num_classes, ignore_index: the class facts, against which the data's labels are checked (data/checks.py).
     unseen_labels: labels from num_classes up are classes unseen in training (the face datasets' other identities),
                which the loss and metrics skip: accepted outside the train split.
+    writer:    builds the writer of `mtl predict`'s files for the task (a partial from the config, called with the
+               task's name, the output folder, class names and decode: inference/writers.py), if given.
     """
 
     def __init__(self, name: str, target: str | Mapping[str, str], head: Callable[..., nn.Module], loss: nn.Module,
                  metrics: Mapping[str, Metric], decode: Callable | None = None, visualize: Callable | None = None,
-                 num_classes: int | None = None, ignore_index: int | None = None, unseen_labels: bool = False):
+                 num_classes: int | None = None, ignore_index: int | None = None, unseen_labels: bool = False,
+                 writer: Callable | None = None):
         self.name, self.head, self.loss = name, head, loss
         self.target = target if isinstance(target, str) else dict(target)
         self.metrics = nn.ModuleDict(dict(metrics))
         self.decode, self.visualize = decode, visualize
         self.num_classes, self.ignore_index, self.unseen_labels = num_classes, ignore_index, bool(unseen_labels)
+        self.writer = writer
 
     @property
     def keys(self) -> list[str]:
