@@ -63,6 +63,9 @@ class RunGuard(Callback):
         check_machine(config)
         if config.hydra.job.name == "train" and not config.get("tasks") and not config.get("resume"):
             raise UserError("no task selected: choose some, e.g. tasks=[segmentation,depth]")
+        if config.hydra.job.name != "eval" and config.get("robustness") is not None:  # else saved with the run
+            raise UserError(f"+robustness=... attacks a trained model in mtl eval, not in mtl {config.hydra.job.name}:"
+                            " mtl eval ckpt=<best.pt> +robustness=pgd")
         run_dir = Path(str(config.hydra.run.dir))  # `now` is cached on the config: the dir Hydra will make
         check_writable(run_dir, "hydra.run.dir")
         if config.hydra.job.name == "train" and not config.get("resume") and (run_dir / LAST).is_file():

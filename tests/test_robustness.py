@@ -191,3 +191,10 @@ def test_mtl_eval_refuses_a_bad_attack_setting(tiny_run, mtl_main):
                    "hydra.run.dir=ev")
     assert ran.status == 2
     assert "robustness.steps is not a setting of fgsm" in ran.err
+
+
+def test_robustness_on_mtl_train_is_refused_before_the_run_dir_is_made(mtl_main, tmp_path):
+    """Saved with a run, the node would make every later plain mtl eval of its checkpoints attack it."""
+    ran = mtl_main("train", "+robustness=pgd", f"hydra.run.dir={tmp_path / 'run'}")
+    assert ran.status == 2 and "attacks a trained model in mtl eval, not in mtl train" in ran.err, ran
+    assert not (tmp_path / "run").exists()
