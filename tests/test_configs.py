@@ -243,7 +243,8 @@ def group_cases():
     return [pytest.param(group, option, id=f"{group}={option}",
                          marks=pytest.mark.slow if group == "backbone" and option in LARGER_SIZES | TRANSFORMERS
                          else ())
-            for group in groups() if group != "tasks" for option in options(group)
+            for group in groups() if group not in ("tasks", "robustness")  # robustness: mtl eval's, test_robustness.py
+            for option in options(group)
             if not reads_files(group, option) and f"{group}={option}" not in TRACKERS]
 
 

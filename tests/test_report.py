@@ -143,6 +143,7 @@ def test_mtl_report_does_not_import_torch(sweep):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.slow  # 10-17 s: a real sweep; the default run reports on real runs in test_report_reads_a_real_training_run
 def test_report_draws_what_the_runs_logged_over_time(mtl_main, tmp_path):
     """A real sweep with TensorBoard events: validation curves, task weights and gradient conflicts per group; a
     curve is the mean of the runs' logged values (read back here with tensorboard's own reader)."""
