@@ -24,7 +24,6 @@ temp name and renamed only once verified.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import io
 import json
@@ -42,6 +41,7 @@ from mtl_cli.build import build_dataset, build_loader
 from mtl_cli.engine.state import HydraValues
 from mtl_cli.errors import UserError, suggest
 from mtl_cli.inference.loaded import Loaded
+from mtl_cli.launch import quiet
 
 log = logging.getLogger("mtl")
 
@@ -172,7 +172,7 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, metadata: di
     program, dynamic = exported_program(model, example)
     names = list(model(example))
     try:
-        with quiet_loggers("onnx_ir", "onnxscript", "torch.onnx"):  # their INFO lines narrate the graph passes
+        with quiet("onnx_ir", "onnxscript", "torch.onnx"):  # their INFO lines narrate the graph passes
             onnx_program = torch.onnx.export(program, (example,), input_names=["image"], output_names=names,
                                              dynamo=True, verbose=False)
     except Exception as e:  # noqa: BLE001 -- an op without an ONNX translation, among others
@@ -182,19 +182,6 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, metadata: di
     onnx.helper.set_model_props(proto, metadata)
     onnx.save(proto, str(path))
     return dynamic
-
-
-@contextlib.contextmanager
-def quiet_loggers(*names: str):
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def write_torchscript(model: nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> bool:
