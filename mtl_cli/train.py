@@ -133,6 +133,7 @@ def train_epoch(run: Run) -> None:
         length = min(length, int(cfg.trainer.limit_train_batches))
     run.train_loader.batch_sampler.set_epoch(state.epoch)
     run.train_loader.batch_sampler.skip(state.batch)
+    state.model.start_epoch(state.epoch, int(cfg.trainer.max_epochs))
     run.progress.start(state.epoch, int(cfg.trainer.max_epochs), length, state.batch)
     train_batches(run, limited(run.train_loader, length - state.batch), length)
     run.progress.stop()

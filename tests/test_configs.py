@@ -236,7 +236,7 @@ def reads_files(group, option):
 
 # Experiment trackers write to stores of their own (MLflow's in the working directory): test_trackers.py builds them.
 TRACKERS = {"logger=mlflow", "logger=wandb"}
-TRANSFORMERS = {"vit_b_16", "swin_t"}  # built in the default run by test_models (with cross_stitch): slow here
+TRANSFORMERS = {"vit_b_16", "swin_t"}  # built in the default run by test_models (with cross_stitch and ltb): slow here
 
 
 def group_cases():

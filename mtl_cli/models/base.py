@@ -46,6 +46,10 @@ class MultiTaskModel(nn.Module, ABC):
         gradients); `check_contract` refuses any other parameter of decode that two tasks reach."""
         return iter(())
 
+    def start_epoch(self, epoch: int, max_epochs: int) -> None:
+        """Called by the run before each training epoch (`epoch` counts from 0; again after a resume): an
+        architecture whose training forward depends on the progress (ltb's Gumbel temperature) reads it here."""
+
     memory_format = torch.contiguous_format  # trainer.channels_last sets torch.channels_last: the images follow
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
