@@ -142,6 +142,7 @@ def check_builds_and_runs(cfg, tmp_path):
     assert batch["image"].shape == (BATCH, 3, SIZE, SIZE)
 
     # the trunk's features; for a single backbone's maps, as it declares them
+    model.start_epoch(1, 2)  # past any warm-up (ltb's), so that every trunk parameter trains
     features = model.encode(batch["image"])
     backbone = getattr(model, "backbone", None)
     if backbone is not None and len(features) == len(backbone.channels):

@@ -293,6 +293,7 @@ def test_summary_counts_vit_attention_by_hand():
     assert row["macs"] == patch_embedding + layers * (linear + attention)
 
 
+@pytest.mark.slow  # 5 s: two ViT-B/16 models; test_summary_counts_vit_attention_by_hand counts ViT in the default run
 def test_summary_counts_a_frozen_vit_the_same_under_any_sdpa_backend():
     """Frozen weights send nn.MultiheadAttention to its fused eval kernel even with autograd on, and the caller's
     choice of attention kernel reaches the summary: neither may change the count."""
