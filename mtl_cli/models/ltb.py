@@ -32,6 +32,7 @@ from torch.nn import functional
 from mtl_cli.errors import UserError
 from mtl_cli.models.backbones import Backbone
 from mtl_cli.models.base import MultiTaskModel, make_heads
+from mtl_cli.models.cross_stitch import CrossStitch
 
 log = logging.getLogger("mtl")
 
@@ -120,10 +121,7 @@ class LearningToBranch(MultiTaskModel):
                     out.append(c.to_map(x))
         return [m for out in outs for m in out]
 
-    def decode(self, features: list[torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        count = len(features) // len(self.heads)
-        return {task: head(features[i * count:(i + 1) * count], size)
-                for i, (task, head) in enumerate(self.heads.items())}
+    decode = CrossStitch.decode  # head t reads the maps of column t, which encode lists column by column
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.columns.parameters()
