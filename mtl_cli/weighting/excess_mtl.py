@@ -65,10 +65,14 @@ class ExcessMTL(GradientWeighting):
                 raise RuntimeError(f"ExcessMTL: gradients of {grads.shape[1]} parameters, squares of "
                                    f"{self.squares.shape[1]}")
             self.squares = grads.new_zeros(len(self.tasks), grads.shape[1])
-        squared = grads.to(self.squares) ** 2
-        squares = self.squares[index] + squared
-        self.squares[index] = squares
-        excess = (squared / (squares + ADAGRAD_EPS).sqrt()).sum(1, dtype=F64).cpu()
+        squared = grads.to(self.squares).square()
+        if index == list(range(len(self.tasks))):  # every task present: accumulated in place
+            squares = self.squares.add_(squared)
+        else:
+            squares = self.squares[index].add_(squared)
+            self.squares[index] = squares
+        # g^2 / sqrt(S + eps) in one scratch matrix: each fresh T x P temporary costs its page faults on the CPU
+        excess = (squares + ADAGRAD_EPS).rsqrt_().mul_(squared).sum(1).to(F64).cpu()
 
         self.seen[index] += 1
         warming = self.seen[index].cpu() <= self.warmup_steps

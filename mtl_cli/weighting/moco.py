@@ -75,10 +75,13 @@ class MoCo(GradientWeighting):
         step = int(self.updates)
         beta, gamma = self.beta / step**self.beta_sigma, self.gamma / step**self.gamma_sigma
         if self.normalization == "loss":
-            grads = grads / (grads.norm(dim=1, keepdim=True) + 1e-8) * losses.to(grads)[:, None]
-        tracked = self.tracked[index].to(grads)
-        tracked = tracked - beta * (tracked - grads)
-        self.tracked[index] = tracked.to(self.tracked)
+            grads = grads * (losses.to(grads) / (grads.norm(dim=1) + 1e-8))[:, None]
+        every = index == list(range(len(self.tasks)))
+        if every and (self.tracked.dtype, self.tracked.device) == (grads.dtype, grads.device):
+            tracked = self.tracked.lerp_(grads, beta)  # Y - beta (Y - G), in place: no T x P temporaries
+        else:
+            tracked = self.tracked[index].to(grads).lerp_(grads, beta)
+            self.tracked[index] = tracked.to(self.tracked)
 
         held = self.lambdas[index].cpu()
         share = held.sum()
