@@ -46,6 +46,7 @@ from mtl_cli.engine.run import Run
 from mtl_cli.engine.state import TrainState
 from mtl_cli.paths import config_dir
 from mtl_cli import train
+from mtl_cli.weighting import gradients
 from mtl_cli.weighting.base import GradientWeighting, Weighting
 from mtl_cli.weighting.ew import EqualWeighting
 
@@ -53,6 +54,7 @@ TASK_SETS = {2: ["segmentation", "depth"], 3: ["segmentation", "depth", "normals
              4: ["segmentation", "depth", "normals", "count"],
              5: ["segmentation", "depth", "normals", "count", "multilabel"]}
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+TARGET_NAMES = {"params": "params", "representation": "repr."}
 
 
 class TrunkPasses:
@@ -224,6 +226,59 @@ def report(count: int, tasks: dict, runs: dict, timings: dict) -> None:
     print("exact methods (*) over 1.05x the limit: " + (", ".join(over) if over else "none"))
 
 
+def breakdown(count: int, runs: dict, tasks: dict, timings: dict, reps: int, clock) -> None:
+    """Where an exact method's step goes beyond the limit's, each part timed alone on the first batch with `reps`
+    paired repetitions (steadier than whole steps): the exact path's task gradients (T head passes, T trunk passes,
+    the rows) against the limit's backward (one head pass, T - 1 trunk passes and the trunk's own); then, on one real
+    matrix of task gradients, each exact method's `combine` (Gramian, solver, update) and the write-back `apply`,
+    which the limit does not have. Each extra is shown as a share of the limit's median step in the timed run."""
+    reference = runs[("limit", "#0")]
+    model, batch, limit = reference.model, reference.batches[0], Limit(list(tasks))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def forward():
+        outputs, cut = model.forward_cut(batch["image"])
+        return model.task_losses(tasks, outputs, batch), cut
+
+    paths = {"limit": [], "exact": []}
+    for rep in range(reps + 1):
+        for path in sorted(paths, reverse=rep % 2 == 1):  # in turn first, so that a drift of the machine cancels
+            losses, cut = forward()
+            start = clock()
+            if path == "limit":
+                limit.backward(losses, model, scaler, cut)
+            else:
+                jacobian = gradients.task_gradients(list(losses.values()), model, cut, "params")
+            if rep:
+                paths[path].append(clock() - start)
+            model.zero_grad(set_to_none=True)
+    step = statistics.median(pooled(timings, "limit"))
+    backward, exact_ = statistics.median(paths["limit"]), statistics.median(paths["exact"])
+    print(f"\nT={count} breakdown (median of {reps} paired repetitions; limit step {1000 * step:.1f} ms): the limit's "
+          f"backward {1000 * backward:.1f} ms, the exact path's task gradients {1000 * exact_:.1f} ms "
+          f"({100 * (exact_ - backward) / step:+.1f}% of the limit step)")
+    matrix, index = jacobian.matrix, list(range(count))
+    values = torch.stack([loss.detach() for loss in losses.values()])
+    print(f"{'method':14s} {'combine ms':>10s} {'apply ms':>9s} {'% of limit step':>16s}")
+    for key, run in runs.items():
+        if not exact(runs, key) or str(key[1]).startswith("#"):
+            continue
+        weighting, spent = run.weighting, {"combine": [], "apply": []}
+        samples = [matrix.clone() for _ in range(weighting.batches_per_step - 1)]
+        for rep in range(reps + 1):
+            start = clock()
+            update, weights = weighting.combine_groups(matrix, values, index, *samples)
+            middle = clock()
+            jacobian.apply(update, weighting.head_weights(weights.float(), values).to(update.dtype))
+            if rep:
+                spent["combine"].append(middle - start)
+                spent["apply"].append(clock() - middle)
+            model.zero_grad(set_to_none=True)
+        combine, apply = (statistics.median(spent[part]) for part in ("combine", "apply"))
+        share = 100 * (combine + apply) / (batches(runs, key) * step)
+        print(f"{key[0]:14s} {1000 * combine:10.2f} {1000 * apply:9.2f} {share:15.1f}%")
+
+
 def markdown(results: dict) -> None:
     """The README's table: a row per method (loss-based first), its ratio to ew per T and grad_target, and for
     params, in brackets, its ratio to the limit."""
@@ -231,9 +286,12 @@ def markdown(results: dict) -> None:
     print("\n" + "; ".join(f"T={count}: ew {1000 * statistics.median(pooled(timings, 'ew')):.1f} ms/step, limit "
                            f"{ratios(pooled(timings, 'limit'), pooled(timings, 'ew'))[0]:.2f}x ew"
                            for count, (_, timings) in sorted(results.items())) + "\n")
-    print("| method | " + " | ".join(f"T={count} params | T={count} repr." for count in counts) + " |")
-    print("|---|" + "---|---|" * len(counts))
     first = results[counts[0]][0]
+    timed = [target for target in ("params", "representation")
+             if any(getattr(run.weighting, "grad_target", None) == target for run in first.values())]
+    print("| method | " + " | ".join(f"T={count} {TARGET_NAMES[target]}" for count in counts for target in timed)
+          + " |")
+    print("|---|" + "---|" * len(timed) * len(counts))
     gradient = {name: isinstance(run.weighting, GradientWeighting) for (name, _), run in first.items()}
     for name in sorted((name for name in gradient if name != "limit"), key=lambda name: (gradient[name], name)):
         cells = []
@@ -242,8 +300,9 @@ def markdown(results: dict) -> None:
             ew, limit = pooled(timings, "ew"), pooled(timings, "limit")
             by_target = {getattr(run.weighting, "grad_target", "params"): key
                          for key, run in runs.items() if key[0] == name}
-            for target in ("params", "representation"):
-                key = by_target.get(target)
+            for position, target in enumerate(timed):
+                key = by_target.get(target) if gradient[name] else (  # a loss-based method: once, in front
+                    by_target.get("params") if position == 0 else None)
                 if key is None:
                     cells.append("-" if gradient[name] else "")
                     continue
@@ -273,6 +332,8 @@ def main() -> None:
                         choices=["params", "representation"], help="the grad_targets to time (where allowed)")
     parser.add_argument("--copies", type=int, default=3, help="runs of each reference, ew and limit, pooled")
     parser.add_argument("--markdown", action="store_true", help="also print the README's table")
+    parser.add_argument("--breakdown", type=int, default=0, metavar="REPS",
+                        help="also time the parts of an exact step against the limit's, REPS paired repetitions")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -287,6 +348,8 @@ def main() -> None:
         runs, tasks = build_runs(count, methods, args.steps, args.overrides, args.targets, args.copies)
         timings = time_steps(runs, tasks, args.rounds, args.steps, CLOCKS[args.clock])
         report(count, tasks, runs, timings)
+        if args.breakdown:
+            breakdown(count, runs, tasks, timings, args.breakdown, CLOCKS[args.clock])
         results[count] = (runs, timings)
     if args.markdown:
         markdown(results)
