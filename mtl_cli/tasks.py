@@ -43,18 +43,20 @@ class Task:
                which the loss and metrics skip: accepted outside the train split.
     writer:    builds the writer of `mtl predict`'s files for the task (a partial from the config, called with the
                task's name, the output folder, class names and decode: inference/writers.py), if given.
+    explain:   chooses the scalar `mtl explain` attributes, from the raw output at one image (a partial from the
+               config: analysis/targets.py), if given.
     """
 
     def __init__(self, name: str, target: str | Mapping[str, str], head: Callable[..., nn.Module], loss: nn.Module,
                  metrics: Mapping[str, Metric], decode: Callable | None = None, visualize: Callable | None = None,
                  num_classes: int | None = None, ignore_index: int | None = None, unseen_labels: bool = False,
-                 writer: Callable | None = None):
+                 writer: Callable | None = None, explain: Callable | None = None):
         self.name, self.head, self.loss = name, head, loss
         self.target = target if isinstance(target, str) else dict(target)
         self.metrics = nn.ModuleDict(dict(metrics))
         self.decode, self.visualize = decode, visualize
         self.num_classes, self.ignore_index, self.unseen_labels = num_classes, ignore_index, bool(unseen_labels)
-        self.writer = writer
+        self.writer, self.explain = writer, explain
 
     @property
     def keys(self) -> list[str]:

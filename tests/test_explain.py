@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.io import write_png
@@ -16,6 +17,8 @@ from mtl_cli.engine.state import HydraValues
 from mtl_cli.errors import UserError
 from mtl_cli.inference.loaded import Loaded
 from mtl_cli.models.detection import decode_detections
+from mtl_cli.paths import config_dir
+from mtl_cli.tasks import Task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +38,7 @@ def test_integrated_gradients_completeness_per_task(tiny_run, monkeypatch):
     with torch.no_grad():
         outputs = model(image)
     for task in loaded.tasks:
-        target = targets.target_of(task, outputs[task])
+        target = targets.chooser(task, loaded.tasks[task])(outputs[task])
         with torch.no_grad():
             gap = float(target.scalar(model(image)[task])[0] - target.scalar(model(torch.zeros_like(image))[task])[0])
         heat, record = attribute("integrated_gradients", lambda x, t=task: target.scalar(explained(x)[t]), image,
@@ -101,16 +104,30 @@ def test_detection_target_is_the_top_box_score_that_decoding_reports():
 
 def test_classification_like_targets_take_the_predicted_class():
     logits = torch.tensor([[0.5, -2.0, 3.0, 1.0]])
-    for task in ("classification", "multilabel", "attributes", "count"):
-        assert float(targets.target_of(task, logits).scalar(logits * 2)[0]) == 6.0
-    assert float(targets.target_of("count", torch.tensor([[2.5]])).scalar(torch.tensor([[4.0]]))[0]) == 4.0
+    for choose in (targets.class_logit, targets.top_label_logit, targets.count_value):
+        assert float(choose(logits).scalar(logits * 2)[0]) == 6.0
+    assert float(targets.count_value(torch.tensor([[2.5]])).scalar(torch.tensor([[4.0]]))[0]) == 4.0
     cosine = {"embedding": torch.zeros(1, 2), "cosine": torch.tensor([[0.1, 0.9, -0.3]])}
-    assert float(targets.target_of("identity", cosine).scalar(cosine)[0]) == pytest.approx(0.9)
+    assert float(targets.identity_cosine(cosine).scalar(cosine)[0]) == pytest.approx(0.9)
 
 
-def test_unknown_task_names_the_known_ones():
-    with pytest.raises(UserError, match="no scalar target for the task 'segmentaton'.*'segmentation'"):
-        targets.target_of("segmentaton", torch.zeros(1, 2))
+def bare_task(explain=None) -> Task:
+    return Task("t", "t", head=None, loss=None, metrics={}, explain=explain)
+
+
+def test_every_task_config_names_its_chooser_and_a_task_from_before_gets_the_packaged_one():
+    """Each configs/tasks/*.yaml builds its chooser; a task without one (a checkpoint trained before task configs
+    carried it) gets its packaged namesake's; one without either is refused naming the missing entry."""
+    files = sorted((config_dir() / "tasks").glob("*.yaml"))
+    assert len(files) >= 13
+    for path in files:
+        choose = instantiate(OmegaConf.load(path).explain)
+        assert getattr(targets, choose.func.__name__) is choose.func, path.name
+        assert targets.chooser(path.stem, bare_task(choose)) is choose
+    assert targets.chooser("segmentation", bare_task()).func is targets.region_logit
+    assert targets.chooser("count", bare_task()).func is targets.count_value
+    with pytest.raises(UserError, match="task 'age'.*no `explain` entry.*mtl_cli.analysis.targets.class_logit"):
+        targets.chooser("age", bare_task())
 
 
 def image_folder(folder):

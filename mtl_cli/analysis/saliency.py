@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torchvision.io import write_png
 
-from mtl_cli.analysis.targets import Target, target_of
+from mtl_cli.analysis.targets import Target, chooser
 from mtl_cli.engine.state import HydraValues
 from mtl_cli.errors import UserError, suggest
 from mtl_cli.inference.inputs import Images
@@ -147,6 +147,7 @@ def explain(composed: DictConfig, run_dir: Path, hydra: HydraValues) -> dict:
     loaded.model.requires_grad_(False)  # attributions need gradients with respect to the image alone
     explained = Explained(loaded.model).eval()
     steps, chunk = int(options.steps), options.get("internal_batch_size")
+    choosers = {name: chooser(name, task) for name, task in loaded.tasks.items()}  # before any image: fails early
     records, used = [], set()
     for path, raw in images:
         image = loaded.preprocess(raw)[None].to(loaded.device)
@@ -154,7 +155,7 @@ def explain(composed: DictConfig, run_dir: Path, hydra: HydraValues) -> dict:
             outputs = explained(image)
         stem, overlays, per_task = unique_stem(path, used), {}, {}
         for task in loaded.tasks:
-            target: Target = target_of(task, outputs[task])
+            target: Target = choosers[task](outputs[task])
             heat, record = attribute(method, lambda x, t=task, s=target.scalar: s(explained(x)[t]), image,
                                      explained.tap, steps, None if chunk is None else int(chunk))
             heat = to_size(heat, tuple(raw.shape[-2:]))

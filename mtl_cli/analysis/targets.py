@@ -4,8 +4,8 @@ which pixels drive it.
 Each chooser reads the task's raw output at the input (the prediction being explained) and returns a `Target`:
 a function of any raw output of the same task, [B, ...] -> [B], with its choices (the class, the region, the box)
 fixed at the input, so that integrated gradients follows one quantity along its path from the baseline instead of
-switching class on the way. The chooser is picked by the task's name in the config (`TARGETS`): the name says
-what the raw output holds better than its shape does.
+switching class on the way. Each task's config names its chooser (`explain:` in configs/tasks/*.yaml): the task
+knows what its raw output holds better than the output's shape does.
 """
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import Tensor
 
-from mtl_cli.errors import UserError, suggest
+from mtl_cli.errors import UserError
+from mtl_cli.paths import config_dir
+from mtl_cli.tasks import Task
 
 
 @dataclass
@@ -99,19 +103,15 @@ def mean_landmark(output: Tensor) -> Target:
     return Target(lambda out: out.abs().mean((1, 2)), "mean |predicted coordinate| over the points")
 
 
-# The config's task name -> its chooser. (To move into configs/tasks/*.yaml as an `explain:` entry one day.)
-TARGETS: dict[str, Callable[[object], Target]] = {
-    "classification": class_logit, "right": class_logit, "species": class_logit,
-    "multilabel": top_label_logit, "attributes": top_label_logit,
-    "count": count_value, "identity": identity_cosine,
-    "segmentation": region_logit, "depth": centre_depth, "normals": dominant_normal,
-    "detection": top_box_score, "landmarks": mean_landmark,
-}
-
-
-def target_of(task: str, output) -> Target:
-    """The scalar to attribute for `task`, its choices fixed by `output` (the raw output at one image, batch 1)."""
-    if task not in TARGETS:
-        raise UserError(f"mtl explain has no scalar target for the task {task!r}{suggest(task, TARGETS)}; it knows "
-                        f"{', '.join(sorted(TARGETS))}: add one to mtl_cli/analysis/targets.py TARGETS")
-    return TARGETS[task](output)
+def chooser(name: str, task: Task) -> Callable[[object], Target]:
+    """The task's chooser: its config's `explain` entry or, for a checkpoint trained before task configs carried
+    one, the entry of the packaged task config of the same name (configs/tasks/<name>.yaml)."""
+    if task.explain is not None:
+        return task.explain
+    packaged = config_dir() / "tasks" / f"{name}.yaml"
+    entry = OmegaConf.load(packaged).get("explain") if packaged.is_file() else None
+    if entry is None:
+        raise UserError(f"mtl explain has no scalar to attribute for the task {name!r}: its config has no `explain` "
+                        "entry; add one naming a chooser of mtl_cli/analysis/targets.py, e.g. `explain: {_target_: "
+                        "mtl_cli.analysis.targets.class_logit, _partial_: true}`")
+    return instantiate(entry)
