@@ -14,8 +14,8 @@ from torchvision.io import write_png
 from mtl_cli.analysis import targets
 from mtl_cli.analysis.saliency import Explained, attribute
 from mtl_cli.engine.state import HydraValues
-from mtl_cli.errors import UserError
-from mtl_cli.inference.loaded import Loaded
+from mtl_cli.inference.loaded import Loaded, packaged_task
+from mtl_cli.inference.writers import SegmentationWriter
 from mtl_cli.models.detection import decode_detections
 from mtl_cli.paths import config_dir
 from mtl_cli.tasks import Task
@@ -38,7 +38,7 @@ def test_integrated_gradients_completeness_per_task(tiny_run, monkeypatch):
     with torch.no_grad():
         outputs = model(image)
     for task in loaded.tasks:
-        target = targets.chooser(task, loaded.tasks[task])(outputs[task])
+        target = loaded.entry(task, "explain")(outputs[task])
         with torch.no_grad():
             gap = float(target.scalar(model(image)[task])[0] - target.scalar(model(torch.zeros_like(image))[task])[0])
         heat, record = attribute("integrated_gradients", lambda x, t=task: target.scalar(explained(x)[t]), image,
@@ -111,23 +111,47 @@ def test_classification_like_targets_take_the_predicted_class():
     assert float(targets.identity_cosine(cosine).scalar(cosine)[0]) == pytest.approx(0.9)
 
 
-def bare_task(explain=None) -> Task:
-    return Task("t", "t", head=None, loss=None, metrics={}, explain=explain)
+def loaded_with(name: str, loss: str, **entries) -> Loaded:
+    """A checkpoint's task `name` trained with `loss`, with these of its config's entries (writer, explain)."""
+    cfg = OmegaConf.create({"tasks": {name: {"loss": {"_target_": loss}}}})
+    task = Task(name, name, head=None, loss=None, metrics={}, **entries)
+    return Loaded(cfg, {}, {name: task}, None, torch.device("cpu"), (32, 32))
 
 
-def test_every_task_config_names_its_chooser_and_a_task_from_before_gets_the_packaged_one():
-    """Each configs/tasks/*.yaml builds its chooser; a task without one (a checkpoint trained before task configs
-    carried it) gets its packaged namesake's; one without either is refused naming the missing entry."""
+def packaged_loss(name: str) -> str:
+    return OmegaConf.load(config_dir() / "tasks" / f"{name}.yaml").loss._target_
+
+
+def test_every_task_config_names_its_scalar_and_a_checkpoint_from_before_gets_the_packaged_entries():
+    """Each configs/tasks/*.yaml builds a chooser of analysis/targets.py and names a writer; a task's own entry comes
+    first; a task without one (a checkpoint trained before the entries) gets its packaged namesake's when that trains
+    the same loss, and None otherwise (count trained as count_ce's classes must not get count's value writer)."""
     files = sorted((config_dir() / "tasks").glob("*.yaml"))
     assert len(files) >= 13
     for path in files:
-        choose = instantiate(OmegaConf.load(path).explain)
+        template = OmegaConf.load(path)
+        choose = instantiate(template.explain)
         assert getattr(targets, choose.func.__name__) is choose.func, path.name
-        assert targets.chooser(path.stem, bare_task(choose)) is choose
-    assert targets.chooser("segmentation", bare_task()).func is targets.region_logit
-    assert targets.chooser("count", bare_task()).func is targets.count_value
-    with pytest.raises(UserError, match="task 'age'.*no `explain` entry.*mtl_cli.analysis.targets.class_logit"):
-        targets.chooser("age", bare_task())
+        assert "writer" in packaged_task(path.stem), path.name
+        assert loaded_with(path.stem, "any.Loss", explain=choose).entry(path.stem, "explain") is choose
+    before = loaded_with("segmentation", packaged_loss("segmentation"))
+    assert before.entry("segmentation", "explain").func is targets.region_logit
+    assert before.entry("segmentation", "writer").func is SegmentationWriter
+    assert packaged_loss("count_ce") != packaged_loss("count")
+    assert loaded_with("count", packaged_loss("count_ce")).entry("count", "writer") is None
+    assert loaded_with("age", "any.Loss").entry("age", "explain") is None
+
+
+def test_a_task_without_a_scalar_is_refused_in_one_line_before_any_map(tiny_run, mtl_main, tmp_path, monkeypatch):
+    image_folder(tmp_path / "images")
+    entry = Loaded.entry
+    monkeypatch.setattr(Loaded, "entry", lambda self, name, key: None if name == "depth" else entry(self, name, key))
+    ran = mtl_main("explain", f"ckpt={tiny_run / 'checkpoints' / 'best.pt'}", f"input={tmp_path / 'images'}",
+                   "explain.steps=2", "out=maps", "hydra.run.dir=run")
+    assert ran.status == 2
+    message = ran.err.strip()
+    assert "\n" not in message and "task depth" in message and "+tasks.depth.explain=" in message
+    assert not (tmp_path / "maps").exists()
 
 
 def image_folder(folder):

@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torchvision.io import write_png
 
-from mtl_cli.analysis.targets import Target, chooser
+from mtl_cli.analysis.targets import Target
 from mtl_cli.engine.state import HydraValues
 from mtl_cli.errors import UserError, suggest
 from mtl_cli.inference.inputs import Images
@@ -147,7 +147,12 @@ def explain(composed: DictConfig, run_dir: Path, hydra: HydraValues) -> dict:
     loaded.model.requires_grad_(False)  # attributions need gradients with respect to the image alone
     explained = Explained(loaded.model).eval()
     steps, chunk = int(options.steps), options.get("internal_batch_size")
-    choosers = {name: chooser(name, task) for name, task in loaded.tasks.items()}  # before any image: fails early
+    choosers = {name: loaded.entry(name, "explain") for name in loaded.tasks}  # before any image: fails early
+    if None in choosers.values():
+        missing = [name for name, choose in choosers.items() if choose is None]
+        raise UserError(f"mtl explain has no scalar to attribute for the task {', '.join(missing)}: its config has no "
+                        "`explain` entry; add one naming a chooser of mtl_cli/analysis/targets.py, e.g. "
+                        f"+tasks.{missing[0]}.explain='{{_target_:mtl_cli.analysis.targets.class_logit,_partial_:true}}'")
     records, used = [], set()
     for path, raw in images:
         image = loaded.preprocess(raw)[None].to(loaded.device)

@@ -14,13 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import Tensor
-
-from mtl_cli.errors import UserError
-from mtl_cli.paths import config_dir
-from mtl_cli.tasks import Task
 
 
 @dataclass
@@ -101,17 +95,3 @@ def mean_landmark(output: Tensor) -> Target:
     """Landmarks: the mean magnitude of the predicted coordinates, over every point and both axes (with coordinates
     in 0..1, how far down and right the points sit on average)."""
     return Target(lambda out: out.abs().mean((1, 2)), "mean |predicted coordinate| over the points")
-
-
-def chooser(name: str, task: Task) -> Callable[[object], Target]:
-    """The task's chooser: its config's `explain` entry or, for a checkpoint trained before task configs carried
-    one, the entry of the packaged task config of the same name (configs/tasks/<name>.yaml)."""
-    if task.explain is not None:
-        return task.explain
-    packaged = config_dir() / "tasks" / f"{name}.yaml"
-    entry = OmegaConf.load(packaged).get("explain") if packaged.is_file() else None
-    if entry is None:
-        raise UserError(f"mtl explain has no scalar to attribute for the task {name!r}: its config has no `explain` "
-                        "entry; add one naming a chooser of mtl_cli/analysis/targets.py, e.g. `explain: {_target_: "
-                        "mtl_cli.analysis.targets.class_logit, _partial_: true}`")
-    return instantiate(entry)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
@@ -21,6 +21,7 @@ from mtl_cli.build import instantiate, resolve_data
 from mtl_cli.data.transforms import compose, split_transforms
 from mtl_cli.engine.state import HydraValues, load_run, trained_model
 from mtl_cli.errors import UserError
+from mtl_cli.paths import config_dir
 from mtl_cli.runtime import pick_device
 from mtl_cli.tasks import Task
 
@@ -45,6 +46,19 @@ class Loaded:
         declared = split_transforms(cfg.data.get("transforms"), "val")
         transforms = compose(instantiate(declared, "data.transforms.val")) if declared else None
         return cls(cfg, checkpoint, tasks, model, device, input_size(cfg, checkpoint), transforms)
+
+    def entry(self, name: str, key: str):
+        """Task `name`'s built `key` entry (`writer`, `explain`), or None. A checkpoint trained before its task
+        configs carried the entry gets that of the packaged task config of the same name, when that trains the
+        same loss (so `count` trained as count_ce's classes does not get count's value writer)."""
+        built = getattr(self.tasks[name], key)
+        template = packaged_task(name)
+        if built is not None or template is None:
+            return built
+        loss = OmegaConf.select(self.cfg, f"tasks.{name}.loss._target_")
+        if key not in template or OmegaConf.select(template, "loss._target_") != loss:
+            return None
+        return instantiate(template[key], f"configs/tasks/{name}.yaml {key}")
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 RGB [3, H, W] -> the float [3, h, w] the model takes (h, w = input_size)."""
@@ -77,3 +91,16 @@ def input_size(cfg: DictConfig, checkpoint: dict[str, Any]) -> tuple[int, int]:
     if isinstance(size, (list, tuple, ListConfig)) and len(size) == 2:
         return int(size[0]), int(size[1])
     raise UserError(f"image size {size!r}: give one number or [height, width]")
+
+
+def packaged_task(name: str) -> DictConfig | None:
+    """configs/tasks/<name>.yaml with the task files it extends (`defaults: [/tasks/<base>@_here_, _self_]`, the one
+    form they use), unresolved; None if there is no such file. Read by hand: Hydra's compose cannot run inside the
+    command's own Hydra app."""
+    folder = config_dir() / "tasks"
+    if not (folder / f"{name}.yaml").is_file():
+        return None
+    own = OmegaConf.load(folder / f"{name}.yaml")
+    bases = [str(entry).removeprefix("/tasks/").removesuffix("@_here_") for entry in own.pop("defaults", [])
+             if str(entry).startswith("/tasks/")]
+    return OmegaConf.merge(*(packaged_task(base) for base in bases), own)

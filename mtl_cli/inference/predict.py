@@ -116,13 +116,13 @@ def checked_tasks(wanted: list[str] | None, available: Mapping) -> list[str]:
 
 def writer_of(loaded: Loaded, name: str, out: Path) -> Writer:
     """The task's writer, built from its config's partial with the run's class names for it."""
-    task = loaded.tasks[name]
-    if task.writer is None:
-        raise UserError(f"task {name!r} declares no writer (a checkpoint from before mtl predict, or a task config "
-                        f"without `writer:`): give one as configs/tasks/ do, e.g. +tasks.{name}.writer="
-                        "'{_target_:mtl_cli.inference.writers.ClassWriter,_partial_:true}', or leave the task out "
-                        "with tasks=[...]")
-    return task.writer(name=name, out=out, classes=class_names(loaded.cfg, name), decode=task.decode)
+    writer = loaded.entry(name, "writer")
+    if writer is None:
+        raise UserError(f"task {name!r} declares no writer (a task config without `writer:`, or a checkpoint from "
+                        f"before mtl predict whose task no packaged config matches): give one as configs/tasks/ do, "
+                        f"e.g. +tasks.{name}.writer='{{_target_:mtl_cli.inference.writers.ClassWriter,_partial_:true}}'"
+                        ", or leave the task out with tasks=[...]")
+    return writer(name=name, out=out, classes=class_names(loaded.cfg, name), decode=loaded.tasks[name].decode)
 
 
 def class_names(cfg: DictConfig, task: str) -> list[str] | None:
