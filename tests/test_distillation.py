@@ -151,8 +151,8 @@ def test_without_a_dense_task_there_is_nothing_to_distil_and_widths_are_checked(
 def test_mtl_train_trains_two_steps(mtl_main, tmp_path, architecture, weighting):
     """With a gradient method (exact per-task gradients through forward_cut, the auxiliary losses through the loop's
     task_losses) in the default run; -m slow adds mti_net (whose step tests/test_configs.py takes) and ew."""
-    ok(mtl_main("train", f"architecture={architecture}", f"weighting={weighting}", *TINY, *STEPS,
-                f"hydra.run.dir={tmp_path / 'run'}"))
+    ok(mtl_main("train", f"architecture={architecture}", f"weighting={weighting}", "architecture.channels=32", *TINY,
+                *STEPS, f"hydra.run.dir={tmp_path / 'run'}"))  # (256 channels: 70 times hps's MACs)
     (run,) = run_dirs(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 2
