@@ -52,8 +52,8 @@ class Loaded:
         configs carried the entry gets that of the packaged task config of the same name, when that trains the
         same loss (so `count` trained as count_ce's classes does not get count's value writer)."""
         built = getattr(self.tasks[name], key)
-        template = packaged_task(name)
-        if built is not None or template is None:
+        template = None if built is not None else packaged_task(name)
+        if template is None:
             return built
         loss = OmegaConf.select(self.cfg, f"tasks.{name}.loss._target_")
         if key not in template or OmegaConf.select(template, "loss._target_") != loss:

@@ -158,6 +158,12 @@ class GradientWeighting(Weighting):
         coefficients = self.aggregate(grads, losses, index)
         return coefficients.to(grads.dtype) @ grads, coefficients
 
+    def in_place(self, state: torch.Tensor, index: list[int], grads: torch.Tensor) -> bool:
+        """Whether a T x P state buffer can be updated in place for the rows `index`: every task present, in order,
+        and the buffer in the gradients' dtype and device. Otherwise the method gathers and scatters its rows, each a
+        fresh T x P copy (and its page faults on the CPU)."""
+        return index == list(range(len(self.tasks))) and (state.dtype, state.device) == (grads.dtype, grads.device)
+
     def group_by(self, level: str, model: nn.Module | None) -> None:
         """Aggregates each group of `model`'s shared parameters (weighting/groups.py) separately, each with a copy
         of this method and of its state (GradVac's targets are then per group, as in its paper)."""

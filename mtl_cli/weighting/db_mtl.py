@@ -51,8 +51,7 @@ class DBMTL(GradientWeighting):
         self.seen[index] += 1
         rate = (self.beta / self.seen[index].to(grads.dtype) ** self.beta_sigma)[:, None]
         step = (grads / (losses.to(grads) + self.eps)[:, None]).mul_(1 - rate)  # (1 - b_k) g_t
-        if index == list(range(len(self.tasks))) and (self.averages.dtype, self.averages.device) == (
-                grads.dtype, grads.device):
+        if self.in_place(self.averages, index, grads):
             averages = self.averages.mul_(rate).add_(step)  # every task present: the same sums, in place
         else:
             averages = rate * self.averages[index].to(grads) + step

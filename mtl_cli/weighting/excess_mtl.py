@@ -66,7 +66,7 @@ class ExcessMTL(GradientWeighting):
                                    f"{self.squares.shape[1]}")
             self.squares = grads.new_zeros(len(self.tasks), grads.shape[1])
         squared = grads.to(self.squares).square()
-        if index == list(range(len(self.tasks))):  # every task present: accumulated in place
+        if self.in_place(self.squares, index, squared):
             squares = self.squares.add_(squared)
         else:
             squares = self.squares[index].add_(squared)

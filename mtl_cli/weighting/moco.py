@@ -76,8 +76,7 @@ class MoCo(GradientWeighting):
         beta, gamma = self.beta / step**self.beta_sigma, self.gamma / step**self.gamma_sigma
         if self.normalization == "loss":
             grads = grads * (losses.to(grads) / (grads.norm(dim=1) + 1e-8))[:, None]
-        every = index == list(range(len(self.tasks)))
-        if every and (self.tracked.dtype, self.tracked.device) == (grads.dtype, grads.device):
+        if self.in_place(self.tracked, index, grads):
             tracked = self.tracked.lerp_(grads, beta)  # Y - beta (Y - G), in place: no T x P temporaries
         else:
             tracked = self.tracked[index].to(grads).lerp_(grads, beta)
